@@ -68,17 +68,21 @@ class SBN(nn.Module):
         return self.encoder(x - self.input_mean)
 
 
-def make_model_and_guide(net):
-    """Pyro model and guide of the SBN ``net``; both take ``(x, idx, num_data)``."""
+def make_model_and_guide(net, name="sbn"):
+    """
+    Pyro model and guide of the SBN ``net``; both take ``(x, idx, num_data)``.
+    ``name`` is the ``pyro.module`` name (distinct names let several SBNs share
+    Pyro's global param store, as in the benchmarks).
+    """
 
     def model(x, idx, num_data):
-        pyro.module("sbn", net)
+        pyro.module(name, net)
         with pyro.plate("data", num_data, subsample=idx):
             b = pyro.sample("b", dist.Bernoulli(logits=net.prior_logits).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=net.decoder(b)).to_event(1), obs=x)
 
     def guide(x, idx, num_data):
-        pyro.module("sbn", net)
+        pyro.module(name, net)
         with pyro.plate("data", num_data, subsample=idx):
             pyro.sample("b", dist.Bernoulli(logits=net.encoder_logits(x)).to_event(1))
 
@@ -233,6 +237,7 @@ def main(argv=None):
         desc=f"{args.estimator}",
     )
     running = None
+    tests.append((0, test_elbo()))
     for step, (idx, xb) in enumerate(bar, 1):
         ts = time.perf_counter()
         x = torch.as_tensor(xb, device=device)

@@ -1,0 +1,364 @@
+"""
+Benchmark: ``pyro_binary_grads.DisARM_ELBO`` against a hand-written pure-PyTorch
+DisARM step of the same math and against Pyro's ``TraceGraph_ELBO``.
+
+Model: linear one-layer SBN 784-200 (``examples/sbn.py``), batch 50, dynamic
+binarization of ``shared/data/mnist.npz`` (train = first 50000 images).  The
+three trainers start from the same initial parameters, use the same optimizer
+(Adam) and see the same data stream; they run in one process, interleaved in
+blocks of ``--block`` steps, round-robin.
+
+Reported:
+
+* ms/step per trainer (median over blocks) and the ratio ours / hand-written;
+* train ELBO (nats per example) after the same number of steps: the mean of the
+  minibatch ELBO over the last blocks, and a one-sample ELBO on a fixed set of
+  training images (fixed binarization, averaged over several draws of b);
+* encoder-gradient variance at a fixed parameter point (the hand-written
+  trainer's final parameters, one fixed minibatch): per-coordinate variance of
+  d loss / d encoder.weight over ``--grad-draws`` draws, summed over
+  coordinates, as the ratio TraceGraph_ELBO / DisARM_ELBO (and hand / DisARM);
+* the performance shape (DESIGN.md): ms/step at batch 1 (fixed overhead), and
+  the ratio ours / hand-written at batch 50 and 500.
+
+Usage::
+
+    python benchmarks/bench_pyro_disarm.py --steps 1000 --device cpu
+    python benchmarks/bench_pyro_disarm.py --steps 2000 --device cuda
+
+Pyro's distribution validation is off for all Pyro trainers (``--validation`` to
+turn it on); the hand-written step has none.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import pyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.append(str(ROOT))  # an installed pyro_binary_grads wins over the checkout
+from data import add_data_argument, centring_offset, load_mnist, output_bias_init  # noqa: E402
+from sbn import SBN, make_model_and_guide  # noqa: E402
+
+try:
+    from pyro_binary_grads import DisARM_ELBO
+except ImportError as e:  # not written yet
+    DisARM_ELBO = None
+    DISARM_IMPORT_ERROR = str(e)
+
+
+# ----------------------------------------------------------------------------
+# Hand-written DisARM (no Pyro)
+
+
+def log_bernoulli(v, logits):
+    """log Bernoulli(v | logits), summed over the last dim: v*a - softplus(a)."""
+    return (v * logits - F.softplus(logits)).sum(-1)
+
+
+def handwritten_disarm_surrogate(net, x, num_data):
+    """
+    One DisARM surrogate for the SBN on minibatch ``x`` (rows of a data set of
+    ``num_data`` examples).  Returns ``(surrogate, loss_value)``: the surrogate's
+    gradient is the DisARM estimate of -grad ELBO (scaled to the data set), and
+    ``loss_value`` is the antithetic-pair estimate of -ELBO (what SVI.step returns).
+    """
+    a = net.encoder_logits(x)  # (B, H) encoder logits
+    u = torch.rand_like(a)
+    b = (torch.log(u) - torch.log1p(-u) < a).to(a.dtype)  # 1[u < sigmoid(a)]
+    bt = (torch.log1p(-u) - torch.log(u) < a).to(a.dtype)  # 1[1 - u < sigmoid(a)]
+    a_sg = a.detach()
+
+    def f(bv):  # log p(x, b) - log q(b | x) per example, guide log-q detached
+        return (
+            log_bernoulli(bv, net.prior_logits)
+            + log_bernoulli(x, net.decoder(bv))
+            - log_bernoulli(bv, a_sg)
+        )
+
+    fb, fbt = f(b), f(bt)
+    with torch.no_grad():
+        g = 0.5 * (fb - fbt).unsqueeze(-1) * (1 - 2 * bt) * (b != bt) * torch.sigmoid(a_sg.abs())
+    scale = num_data / x.shape[0]
+    surrogate = -scale * ((a * g).sum() + 0.5 * (fb + fbt).sum())
+    loss_value = -scale * 0.5 * (fb + fbt).sum().detach()
+    return surrogate, loss_value
+
+
+class HandTrainer:
+    name = "hand"
+
+    def __init__(self, net, lr):
+        self.net = net
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def step(self, x, idx, num_data):
+        self.opt.zero_grad(set_to_none=True)
+        surrogate, loss = handwritten_disarm_surrogate(self.net, x, num_data)
+        surrogate.backward()
+        self.opt.step()
+        return loss.item()
+
+    def encoder_grad(self, x, idx, num_data):
+        self.net.zero_grad(set_to_none=True)
+        surrogate, _ = handwritten_disarm_surrogate(self.net, x, num_data)
+        surrogate.backward()
+        return self.net.encoder.weight.grad.detach().clone()
+
+
+class PyroTrainer:
+    def __init__(self, name, net, elbo, lr):
+        self.name = name
+        self.net = net
+        self.elbo = elbo
+        self.model, self.guide = make_model_and_guide(net, name=f"sbn_{name}")
+        self.svi = pyro.infer.SVI(self.model, self.guide, pyro.optim.Adam({"lr": lr}), elbo)
+
+    def step(self, x, idx, num_data):
+        return self.svi.step(x, idx, num_data)
+
+    def encoder_grad(self, x, idx, num_data):
+        self.net.zero_grad(set_to_none=True)
+        self.elbo.loss_and_grads(self.model, self.guide, x, idx, num_data)
+        return self.net.encoder.weight.grad.detach().clone()
+
+
+def make_trainers(base_net, lr, which):
+    trainers = []
+    for name in which:
+        net = copy.deepcopy(base_net)
+        if name == "hand":
+            trainers.append(HandTrainer(net, lr))
+        elif name == "disarm":
+            trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
+        elif name == "tracegraph":
+            trainers.append(
+                PyroTrainer("tracegraph", net, pyro.infer.TraceGraph_ELBO(max_plate_nesting=1), lr)
+            )
+    return trainers
+
+
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fixed_set_elbo(net, x, reps=5):
+    """One-sample ELBO per example on fixed images ``x``, averaged over ``reps`` draws of b."""
+    a = net.encoder_logits(x)
+    tot = 0.0
+    for _ in range(reps):
+        b = torch.bernoulli(torch.sigmoid(a))
+        f = (
+            log_bernoulli(b, net.prior_logits)
+            + log_bernoulli(x, net.decoder(b))
+            - log_bernoulli(b, a)
+        )
+        tot += f.mean().item()
+    return tot / reps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(trainers, batches_fn, num_steps, block, num_data, device):
+    """
+    Train all ``trainers`` on the same stream, ``block`` steps each, round-robin.
+    Returns per trainer the list of block ms/step and the per-step ELBO history.
+    """
+    ms = {t.name: [] for t in trainers}
+    hist = {t.name: [] for t in trainers}
+    done = 0
+    while done < num_steps:
+        n = min(block, num_steps - done)
+        batch_list = batches_fn(n)
+        order = trainers[done // block % len(trainers):] + trainers[: done // block % len(trainers)]
+        for t in order:  # rotate who goes first, to spread cache / frequency effects
+            sync(device)
+            t0 = time.perf_counter()
+            losses = [t.step(x, idx, num_data) for idx, x in batch_list]
+            sync(device)
+            ms[t.name].append(1000 * (time.perf_counter() - t0) / n)
+            hist[t.name].extend(-loss / num_data for loss in losses)
+        done += n
+    return ms, hist
+
+
+def make_batch_fn(train, batch_size, rng, device):
+    def endless():
+        while True:
+            yield from train.batches(batch_size, rng, num_steps=None)
+
+    it = endless()
+
+    def batches_fn(n):
+        out = []
+        for _ in range(n):
+            idx, xb = next(it)
+            out.append(
+                (torch.as_tensor(idx, device=device), torch.as_tensor(xb, device=device))
+            )
+        return out
+
+    return batches_fn
+
+
+def grad_variance(trainers, state, x, idx, num_data, draws):
+    out = {}
+    for t in trainers:
+        t.net.load_state_dict(state)
+        gs = torch.stack([t.encoder_grad(x, idx, num_data) for _ in range(draws)])
+        gs = gs.double()
+        out[t.name] = {
+            "var_sum": gs.var(0).sum().item(),
+            "mean": gs.mean(0),
+        }
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1000, help="training steps per trainer")
+    p.add_argument("--block", type=int, default=50, help="steps per interleaved block")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--hidden", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch.set_num_threads (default: all cores, %(default)s)")
+    p.add_argument("--grad-draws", type=int, default=200)
+    p.add_argument("--shape-batches", type=int, nargs="*", default=[1, 50, 500],
+                   help="batch sizes of the performance-shape timing")
+    p.add_argument("--shape-steps", type=int, default=200,
+                   help="timed steps per trainer and batch size in the performance shape")
+    p.add_argument("--validation", action="store_true", help="Pyro validation on")
+    p.add_argument("--out", type=Path, default=Path("out/bench"))
+    add_data_argument(p)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(args.validation)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    device = torch.device(args.device)
+    rng = np.random.default_rng(args.seed)
+
+    which = ["disarm", "hand", "tracegraph"]
+    if DisARM_ELBO is None:
+        print(f"# pyro_binary_grads.DisARM_ELBO not available ({DISARM_IMPORT_ERROR}); "
+              "running hand-written and TraceGraph_ELBO only", file=sys.stderr)
+        which.remove("disarm")
+
+    train = load_mnist(args.data, args.binarize, "train")
+    num_data = len(train)
+    base = SBN(train.dim, args.hidden, output_bias_init(train), centring_offset(train)).to(device)
+    x_eval = torch.as_tensor(train.fixed_binarization(2000, seed=1), device=device)
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "validation": args.validation,
+        "binarize": args.binarize,
+        "data": str(args.data),
+    }
+    print("#", json.dumps(info))
+
+    # 1. Interleaved training at --batch-size.
+    trainers = make_trainers(base, args.lr, which)
+    batches_fn = make_batch_fn(train, args.batch_size, rng, device)
+    t0 = time.perf_counter()
+    ms, hist = interleaved(trainers, batches_fn, args.steps, args.block, num_data, device)
+    wall = time.perf_counter() - t0
+    tail = max(args.block, args.steps // 10)
+    results = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+               "train_wall_s": wall, "trainers": {}}
+    print(f"\n== training: SBN {train.dim}-{args.hidden}, batch {args.batch_size}, "
+          f"{args.steps} steps each, blocks of {args.block}, lr {args.lr:g} ({wall:.1f} s)")
+    print(f"{'trainer':<12}{'ms/step':>10}{'train ELBO (last ' + str(tail) + ' steps)':>32}"
+          f"{'fixed-set ELBO':>18}")
+    for t in trainers:
+        med = statistics.median(ms[t.name])
+        last = float(np.mean(hist[t.name][-tail:]))
+        fixed = fixed_set_elbo(t.net, x_eval)
+        results["trainers"][t.name] = {"ms_per_step": med, "train_elbo_tail": last,
+                                       "fixed_set_elbo": fixed}
+        print(f"{t.name:<12}{med:>10.2f}{last:>32.2f}{fixed:>18.2f}")
+    r = results["trainers"]
+    if "disarm" in r:
+        results["ratio_ours_over_hand"] = r["disarm"]["ms_per_step"] / r["hand"]["ms_per_step"]
+        print(f"ratio DisARM_ELBO / hand-written ms/step: {results['ratio_ours_over_hand']:.2f}")
+    results["ratio_tracegraph_over_hand"] = r["tracegraph"]["ms_per_step"] / r["hand"]["ms_per_step"]
+    print(f"ratio TraceGraph_ELBO / hand-written ms/step: {results['ratio_tracegraph_over_hand']:.2f}")
+
+    # 2. Encoder-gradient variance at a fixed point (the hand-written trainer's
+    #    final parameters), one fixed minibatch.
+    state = copy.deepcopy(next(t for t in trainers if t.name == "hand").net.state_dict())
+    idx0, xb0 = next(train.batches(args.batch_size, np.random.default_rng(123), num_steps=1))
+    x0 = torch.as_tensor(xb0, device=device)
+    i0 = torch.as_tensor(idx0, device=device)
+    gv = grad_variance(trainers, state, x0, i0, num_data, args.grad_draws)
+    print(f"\n== encoder.weight gradient variance, {args.grad_draws} draws, fixed params "
+          f"(hand-written trainer after {args.steps} steps) and fixed minibatch")
+    print("   (chi2/dof: |mean - mean_hand|^2 / sum((var + var_hand) / draws); ~1 when both "
+          "estimate the same gradient)")
+    ref = gv["hand"]
+    for name, v in gv.items():
+        line = f"{name:<12} sum of per-coordinate variances {v['var_sum']:.4e}"
+        if name != "hand":
+            chi = ((v["mean"] - ref["mean"]) ** 2).sum().item() / (
+                (v["var_sum"] + ref["var_sum"]) / args.grad_draws)
+            line += f"   chi2/dof vs hand {chi:.2f}"
+        print(line)
+    results["grad_var_sum"] = {k: v["var_sum"] for k, v in gv.items()}
+    denom = "disarm" if "disarm" in gv else "hand"
+    results["var_ratio_tracegraph_over_" + denom] = gv["tracegraph"]["var_sum"] / gv[denom]["var_sum"]
+    print(f"variance ratio TraceGraph_ELBO / {denom}: "
+          f"{results['var_ratio_tracegraph_over_' + denom]:.1f}")
+    if "disarm" in gv:
+        results["var_ratio_hand_over_disarm"] = gv["hand"]["var_sum"] / gv["disarm"]["var_sum"]
+        print(f"variance ratio hand-written / DisARM_ELBO: {results['var_ratio_hand_over_disarm']:.2f}"
+              " (should be ~1)")
+
+    # 3. Performance shape: ms/step at batch 1, 50, 500 (fresh trainers, interleaved).
+    print(f"\n== performance shape ({args.shape_steps} steps per trainer and batch size, "
+          f"blocks of {min(args.block, args.shape_steps)})")
+    shape = {}
+    for bs in args.shape_batches:
+        trs = make_trainers(base, args.lr, which)
+        bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
+        interleaved(trs, bf, min(10, args.shape_steps), 10, num_data, device)  # warm-up
+        ms_bs, _ = interleaved(trs, bf, args.shape_steps, min(args.block, args.shape_steps),
+                               num_data, device)
+        shape[bs] = {k: statistics.median(v) for k, v in ms_bs.items()}
+        line = "  ".join(f"{k} {v:.2f} ms" for k, v in shape[bs].items())
+        ratios = ""
+        if "disarm" in shape[bs]:
+            ratios = f"  ours/hand {shape[bs]['disarm'] / shape[bs]['hand']:.2f}"
+        ratios += f"  tracegraph/hand {shape[bs]['tracegraph'] / shape[bs]['hand']:.2f}"
+        print(f"batch {bs:>4}: {line}{ratios}")
+    results["shape_ms_per_step"] = shape
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / f"bench_pyro_disarm_{args.device}.json", "w") as fh:
+        json.dump({**info, **results}, fh, indent=1)
+    print(json.dumps({**info, **results}))
+
+
+if __name__ == "__main__":
+    main()
