@@ -1,0 +1,638 @@
+"""
+The site mechanism: the one place where discrete guide sites are handled.
+
+For every non-reparameterized discrete site of the guide the mechanism
+
+1. **owns the noise**: it draws the site's uniforms :math:`u` itself and sets
+   the value :math:`b = 1[u < \\sigma(\\alpha)]` from the logits :math:`\\alpha`
+   that the guide passes to the distribution;
+2. **evaluates the ELBO integrand on several configurations in one pass**,
+   vectorized over an extra *evaluation* dim of size :math:`E = 1 + T` placed
+   just left of the user's plates: evaluation 0 is the base path and evaluation
+   :math:`t` flips site :math:`t` (the discrete sites in execution order) to its
+   antithetic value :math:`\\tilde b = 1[1 - u < \\sigma(\\alpha)]`. Downstream
+   discrete sites reuse their own :math:`u` (common random numbers); every
+   site executed before the flipped one keeps its base value, continuous
+   sites included;
+3. **keeps plate dims in each site's learning signal**: the log-prob terms of
+   model and guide are reduced to the plates of the site, so element :math:`n`
+   of a data plate is credited with its own terms plus the global terms;
+4. **builds one surrogate** whose value is the ordinary ELBO estimate and whose
+   gradient is the estimator's.
+
+Discrete log-probs are computed here from the logits
+(:math:`v\\alpha - \\mathrm{softplus}(\\alpha)`), never with ``fn.log_prob``.
+"""
+
+import math
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
+
+import pyro
+import pyro.poutine as poutine
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.distributions.util import scale_and_mask, sum_rightmost
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
+
+from .estimators import antithetic_value, bernoulli_value
+
+EVAL_PLATE = "_bg_evaluations"
+PARTICLE_PLATE = "_bg_particles"
+_OUR_PLATES = (EVAL_PLATE, PARTICLE_PLATE)
+
+
+# ---------------------------------------------------------------------------
+# distributions: unwrapping, logits and log-probs computed by us
+# ---------------------------------------------------------------------------
+
+
+def _base_dist(fn):
+    while isinstance(fn, (Independent, MaskedDistribution, ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def is_discrete_latent(site):
+    """Whether a guide site is a non-reparameterized discrete latent."""
+    fn = site["fn"]
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not isinstance(fn, _Subsample)
+        and not getattr(fn, "has_rsample", False)
+        and bool(getattr(fn.support, "is_discrete", False))
+    )
+
+
+def site_logits(fn):
+    """
+    The logits of a Bernoulli (or categorical) distribution, broadcast to
+    ``fn.batch_shape + fn.event_shape`` (plus the class dim for categoricals).
+    """
+    base = _base_dist(fn)
+    logits = base.logits
+    if isinstance(base, Bernoulli):
+        return logits.expand(fn.batch_shape + fn.event_shape)
+    shape = fn.batch_shape + fn.event_shape
+    if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
+        shape = shape + logits.shape[-1:]
+    return logits.expand(shape)
+
+
+def discrete_log_prob(fn, value):
+    """
+    Elementwise log-prob of a Bernoulli / Categorical / OneHotCategorical
+    (possibly wrapped in ``Independent``, masked or expanded), computed from
+    the logits: smooth, valid at relaxed values, no validation.
+    Returns a tensor of ``fn``'s batch shape (event dims summed, masks applied).
+    """
+    if isinstance(fn, Independent):
+        return sum_rightmost(
+            discrete_log_prob(fn.base_dist, value), fn.reinterpreted_batch_ndims
+        )
+    if isinstance(fn, MaskedDistribution):
+        return scale_and_mask(discrete_log_prob(fn.base_dist, value), mask=fn._mask)
+    if isinstance(fn, ExpandedDistribution):
+        return discrete_log_prob(fn.base_dist, value).expand(fn.batch_shape)
+    if isinstance(fn, Bernoulli):
+        a = fn.logits
+        return value * a - F.softplus(a)
+    if isinstance(fn, OneHotCategorical):
+        return (value * torch.log_softmax(fn.logits, -1)).sum(-1)
+    if isinstance(fn, Categorical):
+        logp = torch.log_softmax(fn.logits, -1)
+        value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
+        return logp.gather(-1, value[..., :1]).squeeze(-1)
+    return fn.log_prob(value)
+
+
+def _is_handled_discrete(fn):
+    return isinstance(_base_dist(fn), (Bernoulli, Categorical, OneHotCategorical))
+
+
+def site_log_prob(site, detach_discrete=False):
+    """The scaled and masked log-prob of a sample site, of its batch shape."""
+    fn, value = site["fn"], site["value"]
+    if _is_handled_discrete(fn):
+        lp = discrete_log_prob(fn, value)
+        if detach_discrete and not site["is_observed"]:
+            lp = lp.detach()
+    else:
+        lp = fn.log_prob(value)
+    return scale_and_mask(lp, site["scale"], site["mask"])
+
+
+def user_frames(site):
+    return tuple(f for f in site["cond_indep_stack"] if f.name not in _OUR_PLATES)
+
+
+def subsample_scale(frame):
+    full = frame.full_size
+    return 1.0 if full is None or full == frame.size else full / frame.size
+
+
+# ---------------------------------------------------------------------------
+# the structure of a guide, found once on a first trace
+# ---------------------------------------------------------------------------
+
+
+class SiteInfo:
+    """Static facts about one discrete guide site."""
+
+    def __init__(self, name, index, frames, event_dim):
+        self.name = name
+        self.index = index  # 0-based position among discrete sites
+        self.frames = frames  # user plate frames
+        self.event_dim = event_dim
+        self.kept = frames  # frames in which the learning signal stays local
+        self.subsampled = tuple(f for f in frames if subsample_scale(f) != 1.0)
+
+
+class GuideStructure:
+    """
+    The discrete sites of a guide in execution order, and for every other
+    latent site how many discrete sites precede it. Found on a first run of
+    guide and model and checked on every later run.
+    """
+
+    def __init__(self, model_trace, guide_trace, estimator_name, supports):
+        self.discrete = OrderedDict()
+        self.num_before = {}  # non-discrete latent site -> number of discrete sites before it
+        latents = []
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if site_is_subsample(site):
+                continue
+            _check_guide_site(site, estimator_name, supports)
+            latents.append(site)
+            if is_discrete_latent(site):
+                self.discrete[name] = SiteInfo(
+                    name, len(self.discrete), user_frames(site), site["fn"].event_dim
+                )
+            else:
+                self.num_before[name] = len(self.discrete)
+        for name, site in model_trace.nodes.items():
+            if (
+                site["type"] == "sample"
+                and not site["is_observed"]
+                and not site_is_subsample(site)
+                and name not in guide_trace.nodes
+            ):
+                raise ValueError(
+                    f"Model site '{name}' is latent but not in the guide. "
+                    f"{estimator_name} needs every latent site of the model to be "
+                    "sampled in the guide; observe it (obs=...) or add it to the guide."
+                )
+        self._localise(latents)
+
+    @property
+    def num_sites(self):
+        return len(self.discrete)
+
+    def _localise(self, latents):
+        """
+        A site's learning signal may stay local to a plate only if no guide
+        site outside that plate runs after it (DESIGN.md, trap 4).
+        """
+        order = [s["name"] for s in latents]
+        for info in self.discrete.values():
+            later = latents[order.index(info.name) + 1 :]
+            nonlocal_ = []
+            for frame in info.frames:
+                outside = [
+                    s["name"]
+                    for s in later
+                    if frame.name not in {f.name for f in user_frames(s)}
+                ]
+                if outside:
+                    nonlocal_.append((frame, outside))
+            for frame, outside in nonlocal_:
+                if subsample_scale(frame) != 1.0:
+                    raise NotImplementedError(
+                        f"Discrete site '{info.name}' is in the subsampled plate "
+                        f"'{frame.name}' and guide site(s) {outside} outside that plate "
+                        "run after it; the learning signal of a subsampled element then "
+                        "depends on the other elements and cannot be estimated without "
+                        "bias. Do not subsample this plate, or draw the global site(s) "
+                        "before the local discrete site."
+                    )
+                warnings.warn(
+                    f"Guide site(s) {outside} outside plate '{frame.name}' run after "
+                    f"discrete site '{info.name}' inside it; the learning signal of "
+                    f"'{info.name}' is summed over '{frame.name}' (unbiased, but its "
+                    "variance grows with the plate size).",
+                    RuntimeWarning,
+                )
+            drop = {frame.name for frame, _ in nonlocal_}
+            info.kept = tuple(f for f in info.frames if f.name not in drop)
+
+
+def _check_guide_site(site, estimator_name, supports):
+    name, fn = site["name"], site["fn"]
+    if site["infer"].get("enumerate"):
+        raise ValueError(
+            f"Guide site '{name}' is marked for enumeration "
+            f"(infer={{'enumerate': {site['infer']['enumerate']!r}}}); {estimator_name} "
+            "estimates gradients by sampling. Remove the enumerate flag, or use "
+            "pyro.infer.TraceEnum_ELBO to enumerate it."
+        )
+    if getattr(fn, "has_rsample", False) or not is_discrete_latent(site):
+        if not getattr(fn, "has_rsample", False):
+            raise NotImplementedError(
+                f"Guide site '{name}' ({type(_base_dist(fn)).__name__}) is neither "
+                f"reparameterizable nor a discrete site {estimator_name} handles; use "
+                "a reparameterizable distribution or pyro.infer.TraceGraph_ELBO."
+            )
+        return
+    base = _base_dist(fn)
+    if not isinstance(base, supports):
+        handled = ", ".join(t.__name__ for t in supports)
+        hint = ""
+        if isinstance(base, (Categorical, OneHotCategorical)):
+            hint = (
+                " Categorical sites are handled by score-function estimators such "
+                "as pyro.infer.TraceGraph_ELBO; "
+            )
+        raise NotImplementedError(
+            f"Guide site '{name}' has a {type(base).__name__} distribution, which "
+            f"{estimator_name} does not handle (it handles {handled})." + hint
+            + " Use pyro.infer.TraceGraph_ELBO for this guide, or change the site."
+        )
+
+
+# ---------------------------------------------------------------------------
+# the noise handler
+# ---------------------------------------------------------------------------
+
+
+class NoiseMessenger(Messenger):
+    """
+    Owns the noise of the discrete guide sites of one estimator draw.
+
+    Enter it outside the evaluation and particle plates so that ``msg["fn"]``
+    is seen after broadcasting. It sets ``msg["value"]`` only, so the sites
+    stay latent and replayable.
+
+    :param structure: the :class:`GuideStructure`, or None on the first run.
+    :param int plate_nesting: the user's ``max_plate_nesting`` U.
+    :param evaluation: None for the vectorized run over the evaluation dim
+        (at dim ``-(U + 1)``), or the index ``e`` of a single evaluation.
+    :param dict noise: site name -> uniforms, shared by all evaluations;
+        filled on first use.
+    :param base_trace: for a single evaluation ``e > 0``, the trace of
+        evaluation 0, from which subsample sites and the latent sites executed
+        before the flipped site are replayed.
+    """
+
+    def __init__(self, structure, plate_nesting, evaluation, noise, seed,
+                 check_values=False, base_trace=None, replay_values=None):
+        super().__init__()
+        self.structure = structure
+        self.plate_nesting = plate_nesting
+        self.evaluation = evaluation
+        self.noise = noise
+        self.seed = seed
+        self.check_values = check_values
+        self.base_trace = base_trace
+        self.replay_values = replay_values or {}
+        self._count = 0
+
+    def _uniform(self, info, alpha, shape):
+        u = self.noise.get(info.name)
+        if u is None:
+            gen = torch.Generator(device=alpha.device)
+            gen.manual_seed(self.seed + 7919 * (info.index + 1))
+            u = torch.rand(shape, generator=gen, dtype=alpha.dtype, device=alpha.device)
+            self.noise[info.name] = u
+        elif u.numel() != math.prod(shape):
+            raise ValueError(
+                f"Noise for site '{info.name}' has shape {tuple(u.shape)}, expected {shape}."
+            )
+        return u.reshape(shape)
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+            if self.base_trace is not None and msg["name"] in self.base_trace:
+                msg["value"] = self.base_trace.nodes[msg["name"]]["value"]
+            return
+        name = msg["name"]
+        info = self.structure.discrete.get(name)
+        if info is None:
+            self._replay_upstream(msg)
+            return
+        if info.index != self._count:
+            order = list(self.structure.discrete)
+            raise ValueError(
+                f"Discrete guide site '{name}' ran in position {self._count}, but the "
+                f"first step saw the discrete sites in the order {order}. The "
+                "discrete structure of the guide must not change between steps."
+            )
+        self._count += 1
+        alpha = site_logits(msg["fn"])
+        if self.check_values and not torch.isfinite(alpha).all():
+            raise ValueError(
+                f"Guide site '{name}' has NaN or infinite logits; check the guide's "
+                "parameters (e.g. lower the learning rate) or clamp the logits."
+            )
+        e = self.evaluation
+        if e is None:
+            edim = alpha.dim() - info.event_dim - (self.plate_nesting + 1)
+            shape = alpha.shape[:edim] + (1,) + alpha.shape[edim + 1 :]
+            u = self._uniform(info, alpha, shape)
+            value = bernoulli_value(u, alpha)
+            flip = torch.zeros(alpha.shape[edim], dtype=torch.bool, device=alpha.device)
+            flip[info.index + 1] = True
+            flip = flip.reshape((-1,) + (1,) * (alpha.dim() - edim - 1))
+            value = torch.where(flip, antithetic_value(u, alpha), value)
+        else:
+            u = self._uniform(info, alpha, alpha.shape)
+            if e == info.index + 1:
+                value = antithetic_value(u, alpha)
+            else:
+                value = bernoulli_value(u, alpha)
+        msg["value"] = value
+
+    def _replay_upstream(self, msg):
+        """Sequential path: latent sites before the flipped site keep base values."""
+        name = msg["name"]
+        if name in self.replay_values:
+            msg["value"] = self.replay_values[name]
+        elif self.base_trace is not None and self.structure.num_before[name] < self.evaluation:
+            msg["value"] = self.base_trace.nodes[name]["value"]
+
+    def _pyro_post_sample(self, msg):
+        """Vectorized path: copy the base slice of non-discrete latent sites."""
+        if (
+            self.evaluation is not None
+            or msg["is_observed"]
+            or isinstance(msg["fn"], _Subsample)
+            or msg["name"] in self.structure.discrete
+        ):
+            return
+        k = self.structure.num_before[msg["name"]]
+        E = self.structure.num_sites + 1
+        if k == 0:
+            index = [0] * E
+        else:
+            index = [0] + [e if e <= k else 0 for e in range(1, E)]
+        value = msg["value"]
+        edim = value.dim() - msg["fn"].event_dim - (self.plate_nesting + 1)
+        idx = torch.tensor(index, device=value.device)
+        msg["value"] = value.index_select(edim, idx)
+
+
+# ---------------------------------------------------------------------------
+# running the evaluations
+# ---------------------------------------------------------------------------
+
+
+class Evaluations:
+    """
+    The ELBO integrand of one estimator draw on all its evaluations.
+
+    :ivar terms: ``{key: (frame_names, frames, tensor)}``, one scaled and masked
+        log-prob term per site (guide terms negated, discrete guide terms
+        detached), each of ``L`` batch dims with the evaluation dim at
+        ``-(U + 1)``.
+    :ivar discrete: ``{name: (alpha, value)}`` of the discrete guide sites,
+        with the evaluation dim at ``-(U + 1 + event_dim)``.
+    """
+
+    def __init__(self, terms, discrete, noise, guide_trace, model_trace):
+        self.terms = terms
+        self.noise = noise
+        self.discrete = discrete
+        self.guide_trace = guide_trace
+        self.model_trace = model_trace
+
+
+def _pad(t, L, name):
+    if t.dim() > L:
+        raise ValueError(
+            f"Site '{name}' has batch shape {tuple(t.shape)} with more dims than "
+            f"max_plate_nesting allows; declare its batch dims with pyro.plate, "
+            "use .to_event(), or raise max_plate_nesting."
+        )
+    return t.reshape((1,) * (L - t.dim()) + t.shape)
+
+
+def _terms(model_trace, guide_trace, L):
+    terms = OrderedDict()
+    for prefix, trace, sign in (("guide", guide_trace, -1.0), ("model", model_trace, 1.0)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if prefix == "guide" and site["is_observed"]:
+                continue
+            frames = user_frames(site)
+            lp = site_log_prob(site, detach_discrete=prefix == "guide")
+            if not torch.is_tensor(lp):
+                continue
+            terms[prefix, name] = (
+                frozenset(f.name for f in frames),
+                frames,
+                _pad(sign * lp, L, name),
+            )
+    return terms
+
+
+def _wrap(fn, E, U, num_particles):
+    if E is not None:
+        fn = pyro.plate(EVAL_PLATE, E, dim=-(U + 1))(fn)
+    if num_particles is not None:
+        fn = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(U + 2))(fn)
+    return fn
+
+
+def _run(model, guide, args, kwargs, messenger, E, U, num_particles):
+    guide = _wrap(guide, E, U, num_particles)
+    model = _wrap(model, E, U, num_particles)
+    with messenger:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    return guide_trace, model_trace
+
+
+def run_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
+                   num_particles=None, check_values=False):
+    """All evaluations in one guide and one model execution."""
+    E = structure.num_sites + 1
+    L = U + 1 + (num_particles is not None)
+    messenger = NoiseMessenger(structure, U, None, noise, seed, check_values)
+    try:
+        guide_trace, model_trace = _run(
+            model, guide, args, kwargs, messenger, E, U, num_particles
+        )
+    except (RuntimeError, ValueError, IndexError) as e:
+        if "must not change between steps" in str(e) or "NaN or infinite" in str(e):
+            raise
+        raise ValueError(
+            "The model or guide failed when run vectorized over the evaluation "
+            f"dim (dim={-(U + 1)}, size {E}): {e}\nModel and guide must broadcast "
+            "over dims left of their plates (no reshape or reduction over them). "
+            "Pass vectorize=False to evaluate sequentially, or give the right "
+            "max_plate_nesting."
+        ) from e
+    terms = _terms(model_trace, guide_trace, L)
+    discrete = OrderedDict(
+        (name, (site_logits(guide_trace.nodes[name]["fn"]), guide_trace.nodes[name]["value"]))
+        for name in structure.discrete
+    )
+    return Evaluations(terms, discrete, noise, guide_trace, model_trace)
+
+
+def run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
+                   num_particles=None, check_values=False, replay=None):
+    """
+    The evaluations one at a time, with the same noise. ``replay`` optionally
+    maps each evaluation to values of its non-discrete latent sites (used to
+    check the vectorized path).
+    """
+    E = structure.num_sites + 1
+    L = U + 1 + (num_particles is not None)
+    runs = []
+    base_trace = None
+    for e in range(E):
+        messenger = NoiseMessenger(
+            structure, U, e, noise, seed, check_values and e == 0,
+            base_trace=base_trace, replay_values=replay[e] if replay else None,
+        )
+        guide_trace, model_trace = _run(
+            model, guide, args, kwargs, messenger, None, U, num_particles
+        )
+        base_trace = base_trace or guide_trace
+        runs.append((guide_trace, model_trace))
+    per_eval = [_terms(m, g, L) for g, m in runs]
+    edim = -(U + 1)
+    terms = OrderedDict()
+    for key, (names, frames, _) in per_eval[0].items():
+        ts = torch.broadcast_tensors(*[p[key][2] for p in per_eval])
+        terms[key] = (names, frames, torch.cat(ts, dim=edim))
+    discrete = OrderedDict()
+    for name, info in structure.discrete.items():
+        d = edim - info.event_dim
+        alphas, values = [], []
+        for g, _ in runs:
+            site = g.nodes[name]
+            alphas.append(_pad(site_logits(site["fn"]), L + info.event_dim, name))
+            values.append(_pad(site["value"], L + info.event_dim, name))
+        discrete[name] = (
+            torch.cat(torch.broadcast_tensors(*alphas), dim=d),
+            torch.cat(torch.broadcast_tensors(*values), dim=d),
+        )
+    return Evaluations(terms, discrete, noise, runs[0][0], runs[0][1])
+
+
+def check_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
+                     num_particles, vectorized):
+    """
+    Re-run the evaluations sequentially with the vectorized run's noise and
+    continuous values; a model or guide that mis-broadcasts over the
+    evaluation dim gives different numbers. Raises naming the first site.
+    """
+    E = structure.num_sites + 1
+    replay = [dict() for _ in range(E)]
+    for name, site in vectorized.guide_trace.nodes.items():
+        if name in structure.num_before and not site["is_observed"]:
+            v = site["value"]
+            d = v.dim() - site["fn"].event_dim - (U + 1)
+            for e in range(E):
+                replay[e][name] = v.select(d, e)
+    with torch.no_grad():
+        seq = run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
+                             num_particles, replay=replay)
+    edim = -(U + 1)
+    for key, (_, _, t) in vectorized.terms.items():
+        a = _sum_but(t.detach(), edim)
+        b = _sum_but(seq.terms[key][2], edim)
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * (1 + a.abs().max().item())):
+            raise ValueError(
+                f"The {key[0]} site '{key[1]}' gives different log-probs when the "
+                "evaluations run vectorized and sequentially "
+                f"({a.flatten().tolist()} vs {b.flatten().tolist()}): the model or guide "
+                "does not broadcast over the evaluation dim left of its plates (a reshape "
+                "or a reduction over a leading dim?). Make it broadcast, or pass "
+                "vectorize=False."
+            )
+
+
+def _sum_but(t, edim):
+    """Sum every dim except the evaluation dim and the dims left of it."""
+    keep = t.dim() + edim + 1
+    return t.sum(tuple(range(keep, t.dim()))) if t.dim() > keep else t
+
+
+# ---------------------------------------------------------------------------
+# learning signals and the surrogate
+# ---------------------------------------------------------------------------
+
+
+def learning_signal(evals, info, U):
+    """
+    The learning signal of discrete site ``info`` on every evaluation: the sum
+    of all log-prob terms, each summed over the plates the site's signal is
+    not local to and broadcast over those it is local to. A term outside a
+    subsampled plate of the site is multiplied by that plate's subsample scale,
+    so that each element's signal estimates the full-data objective.
+    """
+    kept = {f.dim: f.name for f in info.kept}
+    total = 0.0
+    groups = OrderedDict()
+    for names, frames, t in evals.terms.values():
+        if names in groups:
+            groups[names] = (frames, groups[names][1] + t)
+        else:
+            groups[names] = (frames, t)
+    for names, (frames, t) in groups.items():
+        dims = [
+            t.dim() + d
+            for d in range(-U, 0)
+            if t.shape[d] > 1 and kept.get(d) not in names
+        ]
+        if dims:
+            t = t.sum(dims, keepdim=True)
+        scale = 1.0
+        for frame in info.subsampled:
+            if frame.name not in names:
+                scale *= subsample_scale(frame)
+        total = total + (t * scale if scale != 1.0 else t)
+    return total
+
+
+def surrogate(evals, structure, U, pair_estimate):
+    """
+    Returns ``(value, surrogate)`` of one estimator draw: the value is the
+    ELBO estimate averaged over the evaluations, and the gradient of the
+    surrogate is the estimator (pathwise for model parameters and
+    reparameterized sites, ``pair_estimate`` for each discrete site).
+    """
+    edim = -(U + 1)
+    f = 0.0
+    for _, _, t in evals.terms.values():
+        f = f + _sum_but(t, edim)
+    elbo = f.mean()
+    num_particles = f.numel() // f.shape[-1]
+    surr = elbo
+    for name, info in structure.discrete.items():
+        alpha, value = evals.discrete[name]
+        signal = learning_signal(evals, info, U)
+        signal = signal.reshape(signal.shape + (1,) * info.event_dim).detach()
+        d = edim - info.event_dim
+        j = info.index + 1
+        alpha0 = alpha.narrow(d, 0, 1)
+        u = evals.noise[name].reshape(alpha0.shape)
+        g = pair_estimate(
+            signal.narrow(d, 0, 1), signal.narrow(d, j, 1), u,
+            value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
+        )
+        surr = surr + (alpha0 * g.detach()).sum() / num_particles
+    return elbo, surr
