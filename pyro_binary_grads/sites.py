@@ -324,6 +324,11 @@ class NoiseMessenger(Messenger):
             return
         name = msg["name"]
         info = self.structure.discrete.get(name)
+        if info is None and name not in self.structure.num_before:
+            raise ValueError(
+                f"Guide site '{name}' was not in the guide on the first step. The "
+                "discrete structure of the guide must not change between steps."
+            )
         if info is None:
             self._replay_upstream(msg)
             return
@@ -456,6 +461,12 @@ def _run(model, guide, args, kwargs, messenger, E, U, num_particles):
     model = _wrap(model, E, U, num_particles)
     with messenger:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    if messenger._count != messenger.structure.num_sites:
+        missing = list(messenger.structure.discrete)[messenger._count :]
+        raise ValueError(
+            f"Discrete guide site(s) {missing} of the first step did not run. The "
+            "discrete structure of the guide must not change between steps."
+        )
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
         *args, **kwargs
     )
