@@ -1,0 +1,14 @@
+"""
+Low-variance gradient estimators for discrete latent variables, as drop-in
+ELBO classes for NumPyro::
+
+    from numpyro_binary_grads import DisARM_ELBO
+    svi = SVI(model, guide, optax.adam(1e-3), DisARM_ELBO())   # instead of TraceGraph_ELBO()
+"""
+
+from .distributions import OneHotCategorical
+from .elbo import ARM_ELBO, DisARM_ELBO
+
+__version__ = "0.1.0"
+
+__all__ = ["ARM_ELBO", "DisARM_ELBO", "OneHotCategorical"]
