@@ -167,7 +167,7 @@ def scalar():
     x = np.array(1.3)
 
     def guide(B, x):
-        a = B.param("q_logit", 0.7)
+        a = B.param("q_logit", -0.5)
         B.sample("b", B.dist.Bernoulli(logits=a))
 
     def model(B, x):
@@ -431,11 +431,11 @@ def zero_logits():
 
     def model(B, x):
         p = B.param("p_logit", 0.0)
-        w = B.param("p_w", 0.0)
+        w = B.param("p_w", 1.5)
         c = B.param("p_c", 0.0)
         with B.plate("data", N, dim=-1):
             b = B.sample("b", B.dist.Bernoulli(logits=p))
-            # logits exactly 0 for every b at init, and for b = 0 whatever w
+            # logits exactly 0 for b = 0 (whatever w)
             B.sample("x", B.dist.Bernoulli(logits=w * b + c), obs=x)
 
     return Spec("zero_logits", model, guide, (x,), doc="all guide/model logits exactly 0.0")
