@@ -46,6 +46,7 @@ class _SiteELBO(ELBO):
         )
         self.vectorize = vectorize
         self._warned = set()
+        self._noise = None  # test hook: {site name: uniforms} used by every draw
 
     def _site_gradient(self, f, f_tilde, u, b, b_tilde, alpha):
         raise NotImplementedError
@@ -80,7 +81,9 @@ class _SiteELBO(ELBO):
         """
 
         def single_particle(key):
-            return self._particle_loss(key, param_map, model, guide, args, kwargs)
+            return self._particle_loss(
+                key, param_map, model, guide, args, kwargs, noise=self._noise
+            )
 
         if self.num_particles == 1:
             loss, mutable_state = single_particle(rng_key)

@@ -186,32 +186,34 @@ def _check_guide_site(msg, owner):
     """Trace-time checks of a latent guide sample site; True if we own it."""
     name, fn = msg["name"], msg["fn"]
     enum = (msg.get("infer") or {}).get("enumerate")
-    if enum is not None:
+    if enum:
         raise ValueError(
-            "{}: guide site '{}' is marked for enumeration (infer={{'enumerate': {!r}}});"
-            " ARM and DisARM sample it and cannot enumerate it. Remove the"
-            " 'enumerate' key, or use numpyro.infer.TraceEnum_ELBO.".format(
-                owner, name, enum
-            )
+            f"Guide site '{name}' is marked for enumeration "
+            f"(infer={{'enumerate': {enum!r}}}); {owner} estimates gradients by "
+            "sampling. Remove the enumerate flag, or use "
+            "numpyro.infer.TraceEnum_ELBO to enumerate it."
         )
     if fn.has_rsample:
         return False
     base = _base_dist(fn)
     if isinstance(base, _BERNOULLI):
         return True
-    if isinstance(base, _CATEGORICAL + (OneHotCategorical,)):
+    if not getattr(fn.support, "is_discrete", False):
         raise NotImplementedError(
-            "{}: guide site '{}' is a {} site; ARM and DisARM handle Bernoulli"
-            " sites only. Use RLOO_ELBO or numpyro.infer.TraceGraph_ELBO for"
-            " categorical sites.".format(owner, name, type(base).__name__)
+            f"Guide site '{name}' ({type(base).__name__}) is neither "
+            f"reparameterizable nor a discrete site {owner} handles; use "
+            "a reparameterizable distribution or numpyro.infer.TraceGraph_ELBO."
+        )
+    hint = ""
+    if isinstance(base, _CATEGORICAL + (OneHotCategorical,)):
+        hint = (
+            " Categorical sites are handled by score-function estimators such "
+            "as RLOO_ELBO or numpyro.infer.TraceGraph_ELBO;"
         )
     raise NotImplementedError(
-        "{}: guide site '{}' has the non-reparameterized distribution {}, which"
-        " ARM and DisARM do not support (Bernoulli sites, possibly .to_event /"
-        " expanded / masked, and reparameterized continuous sites only). Use"
-        " numpyro.infer.TraceGraph_ELBO for this guide.".format(
-            owner, name, type(base).__name__
-        )
+        f"Guide site '{name}' has a {type(base).__name__} distribution, which "
+        f"{owner} does not handle (it handles Bernoulli)." + hint
+        + " Use numpyro.infer.TraceGraph_ELBO for this guide, or change the site."
     )
 
 
@@ -253,9 +255,9 @@ class NoiseMessenger(Messenger):
         name, fn = msg["name"], msg["fn"]
         if msg["value"] is not None:
             raise ValueError(
-                "{}: discrete guide site '{}' already has a value (substituted or"
-                " conditioned); ARM and DisARM must draw it. Remove the"
-                " substitution from the guide.".format(self.owner, name)
+                f"Discrete guide site '{name}' already has a value (substituted or "
+                f"conditioned); {self.owner} must draw it itself. Remove the "
+                "substitution from the guide."
             )
         index = len(self.record) + 1
         shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.shape())
@@ -396,14 +398,20 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
     guide_sites, guide_plates = found["guide"]
     model_sites, model_plates = found["model"]
     for name, info in model_sites.items():
-        if not info["observed"] and name not in guide_sites and info["enumerate"]:
+        if info["observed"] or name in guide_sites:
+            continue
+        if info["enumerate"]:
             raise ValueError(
-                "{}: model site '{}' is marked for enumeration (infer={{'enumerate':"
-                " {!r}}}); ARM and DisARM do not enumerate. Remove the 'enumerate'"
-                " key, or use numpyro.infer.TraceEnum_ELBO.".format(
-                    owner, name, info["enumerate"]
-                )
+                f"Model site '{name}' is marked for enumeration "
+                f"(infer={{'enumerate': {info['enumerate']!r}}}); {owner} estimates "
+                "gradients by sampling. Remove the enumerate flag, or use "
+                "numpyro.infer.TraceEnum_ELBO to enumerate it."
             )
+        raise ValueError(
+            f"Model site '{name}' is latent but not in the guide. {owner} needs "
+            "every latent site of the model to be sampled in the guide; observe it "
+            "(obs=...) or add it to the guide."
+        )
     plate_sizes = {**model_plates, **guide_plates}
     plate_scales = {}
     for sites in (guide_sites, model_sites):
@@ -424,25 +432,24 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
                 continue
             if plate_scales.get(f.name, 1.0) != 1.0:
                 raise NotImplementedError(
-                    "{}: guide site(s) {} outside plate '{}' execute after the"
-                    " discrete site '{}' inside it, and the plate is subsampled:"
-                    " the learning signal of '{}' cannot be localised to the"
-                    " plate, and summing it over a subsample is not supported."
-                    " Draw those sites before '{}', or do not subsample"
-                    " '{}'.".format(owner, offenders, f.name, name, name, name, f.name)
+                    f"Discrete site '{name}' is in the subsampled plate "
+                    f"'{f.name}' and guide site(s) {offenders} outside that plate "
+                    "run after it; the learning signal of a subsampled element then "
+                    "depends on the other elements and cannot be estimated without "
+                    "bias. Do not subsample this plate, or draw the global site(s) "
+                    "before the local discrete site."
                 )
             tag = (name, f.name, tuple(offenders))
             if warned is None or tag not in warned:
                 if warned is not None:
                     warned.add(tag)
                 warnings.warn(
-                    "{}: guide site(s) {} outside plate '{}' execute after the"
-                    " discrete site '{}' inside it; the learning signal of '{}'"
-                    " is summed over '{}' (unbiased, but its variance grows with"
-                    " the plate size). Draw those sites before '{}' to keep it"
-                    " local.".format(owner, offenders, f.name, name, name, f.name, name),
-                    UserWarning,
-                    stacklevel=2,
+                    f"Guide site(s) {offenders} outside plate '{f.name}' run after "
+                    f"discrete site '{name}' inside it; the learning signal of "
+                    f"'{name}' is summed over '{f.name}' (unbiased, but its "
+                    "variance grows with the plate size).",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
         ndim = max((-d for _, d in kept), default=0)
         result.append(
@@ -513,9 +520,10 @@ def run_evaluations(
     for name, (alpha, _, _, _) in sites.items():
         if not_jax_tracer(alpha) and not bool(jnp.all(jnp.isfinite(alpha))):
             raise ValueError(
-                "{}: the logits of guide site '{}' contain NaN or inf. (Under"
-                " jit or grad this cannot be detected and the loss is NaN;"
-                " SVI.stable_update skips such steps.)".format(owner, name)
+                f"Guide site '{name}' has NaN or infinite logits; check the guide's "
+                "parameters (e.g. lower the learning rate) or clamp the logits. "
+                "(Under jit or grad this cannot be detected and the loss is NaN; "
+                "SVI.stable_update skips such steps.)"
             )
     mutable = jax.tree.map(lambda x: x[0], mutable) if mutable else None
     return Evaluations(f, signals, sites, mutable)
