@@ -200,3 +200,58 @@ def test_oracles_refuse_unsupported():
 
     with pytest.raises(NotImplementedError, match="'z'"):
         numpyro_oracle.exact_elbo({}, nguide, nguide)
+
+
+# ------------------------------------------------------------------------------------------
+# one-hot sites: same ELBO as the equivalent Categorical model
+# ------------------------------------------------------------------------------------------
+
+def test_onehot_equals_categorical():
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+
+    a0, p0, mu0, y = [0.4, -0.3, 0.1], [0.2, 0.0, -0.5], [-1.0, 0.5, 1.0], 0.7
+    values = {}
+    for onehot in (False, True):
+        pyro.clear_param_store()
+
+        def guide():
+            a = pyro.param("a", torch.tensor(a0))
+            fn = pyro.distributions.OneHotCategorical if onehot else pyro.distributions.Categorical
+            pyro.sample("c", fn(logits=a))
+
+        def model():
+            p = pyro.param("p", torch.tensor(p0))
+            mu = pyro.param("mu", torch.tensor(mu0))
+            if onehot:
+                c = pyro.sample("c", pyro.distributions.OneHotCategorical(logits=p))
+                loc = (c * mu).sum(-1)
+            else:
+                loc = mu[pyro.sample("c", pyro.distributions.Categorical(logits=p))]
+            pyro.sample("y", pyro.distributions.Normal(loc, 1.0), obs=torch.tensor(y))
+
+        elbo = pyro_oracle.exact_elbo(model, guide)
+        names = ["a", "p", "mu"]
+        g = torch.autograd.grad(elbo, [pyro.param(k).unconstrained() for k in names])
+        values[onehot] = np.array([elbo.item()] + [x for t in g for x in t.tolist()])
+    np.testing.assert_allclose(values[True], values[False], rtol=0, atol=1e-12)
+
+    nbg = pytest.importorskip("numpyro_binary_grads")
+    OneHot = getattr(nbg, "OneHotCategorical", None)
+    if OneHot is None:
+        return
+
+    def nguide():
+        numpyro.sample("c", OneHot(logits=numpyro.param("a", jnp.asarray(a0))))
+
+    def nmodel():
+        mu = numpyro.param("mu", jnp.asarray(mu0))
+        c = numpyro.sample("c", OneHot(logits=numpyro.param("p", jnp.asarray(p0))))
+        numpyro.sample("y", ndist.Normal((c * mu).sum(-1), 1.0), obs=y)
+
+    import jax
+    params = {"a": jnp.asarray(a0), "p": jnp.asarray(p0), "mu": jnp.asarray(mu0)}
+    v, g = jax.jit(jax.value_and_grad(lambda q: numpyro_oracle.exact_elbo(q, nmodel, nguide)))(params)
+    got = np.array([float(v)] + [x for k in ["a", "p", "mu"] for x in np.asarray(g[k]).tolist()])
+    np.testing.assert_allclose(got, values[False], rtol=0, atol=1e-12)
