@@ -19,7 +19,9 @@ Reported:
   d loss / d encoder.weight over ``--grad-draws`` draws, summed over
   coordinates, as the ratio TraceGraph_ELBO / DisARM_ELBO (and hand / DisARM);
 * the performance shape (DESIGN.md): ms/step at batch 1 (fixed overhead), and
-  the ratio ours / hand-written at batch 50 and 500.
+  the ratio ours / hand-written at batch 50 and 500; ``disarm_nosvi`` times
+  ``DisARM_ELBO.loss_and_grads`` + ``torch.optim.Adam`` without ``SVI.step``, to
+  separate the ELBO's own cost from SVI's (which TraceGraph_ELBO pays too).
 
 Usage::
 
@@ -135,6 +137,24 @@ class PyroTrainer:
         return self.net.encoder.weight.grad.detach().clone()
 
 
+class ElboOnlyTrainer(PyroTrainer):
+    """
+    ``elbo.loss_and_grads`` followed by a plain ``torch.optim.Adam`` step (no
+    ``SVI``, no ``pyro.optim``): isolates the ELBO's own cost from SVI's
+    param-capture trace and per-parameter optimizers, which TraceGraph_ELBO pays too.
+    """
+
+    def __init__(self, name, net, elbo, lr):
+        super().__init__(name, net, elbo, lr)
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def step(self, x, idx, num_data):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.elbo.loss_and_grads(self.model, self.guide, x, idx, num_data)
+        self.opt.step()
+        return loss
+
+
 def make_trainers(base_net, lr, which):
     trainers = []
     for name in which:
@@ -143,6 +163,8 @@ def make_trainers(base_net, lr, which):
             trainers.append(HandTrainer(net, lr))
         elif name == "disarm":
             trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
+        elif name == "disarm_nosvi":
+            trainers.append(ElboOnlyTrainer("disarm_nosvi", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "tracegraph":
             trainers.append(
                 PyroTrainer("tracegraph", net, pyro.infer.TraceGraph_ELBO(max_plate_nesting=1), lr)
@@ -340,7 +362,7 @@ def main():
           f"blocks of {min(args.block, args.shape_steps)})")
     shape = {}
     for bs in args.shape_batches:
-        trs = make_trainers(base, args.lr, which)
+        trs = make_trainers(base, args.lr, which + (["disarm_nosvi"] if "disarm" in which else []))
         bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
         interleaved(trs, bf, min(10, args.shape_steps), 10, num_data, device)  # warm-up
         ms_bs, _ = interleaved(trs, bf, args.shape_steps, min(args.block, args.shape_steps),
@@ -350,6 +372,8 @@ def main():
         ratios = ""
         if "disarm" in shape[bs]:
             ratios = f"  ours/hand {shape[bs]['disarm'] / shape[bs]['hand']:.2f}"
+        if "disarm_nosvi" in shape[bs]:
+            ratios += f"  (loss_and_grads+Adam)/hand {shape[bs]['disarm_nosvi'] / shape[bs]['hand']:.2f}"
         ratios += f"  tracegraph/hand {shape[bs]['tracegraph'] / shape[bs]['hand']:.2f}"
         print(f"batch {bs:>4}: {line}{ratios}")
     results["shape_ms_per_step"] = shape
