@@ -319,7 +319,9 @@ class NoiseMessenger(Messenger):
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
-            if self.base_trace is not None and msg["name"] in self.base_trace:
+            if msg["name"] in self.replay_values:
+                msg["value"] = self.replay_values[msg["name"]]
+            elif self.base_trace is not None and msg["name"] in self.base_trace:
                 msg["value"] = self.base_trace.nodes[msg["name"]]["value"]
             return
         name = msg["name"]
@@ -553,11 +555,14 @@ def check_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
     E = structure.num_sites + 1
     replay = [dict() for _ in range(E)]
     for name, site in vectorized.guide_trace.nodes.items():
-        if name in structure.num_before and not site["is_observed"]:
+        if site_is_subsample(site):
+            for e in range(E):
+                replay[e][name] = site["value"]
+        elif name in structure.num_before and not site["is_observed"]:
             v = site["value"]
             d = v.dim() - site["fn"].event_dim - (U + 1)
             for e in range(E):
-                replay[e][name] = v.select(d, e)
+                replay[e][name] = v.narrow(d, e, 1)
     with torch.no_grad():
         seq = run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
                              num_particles, replay=replay)
@@ -565,14 +570,16 @@ def check_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
     for key, (_, _, t) in vectorized.terms.items():
         a = _sum_but(t.detach(), edim)
         b = _sum_but(seq.terms[key][2], edim)
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * (1 + a.abs().max().item())):
+        bad = ~torch.isclose(a, b, rtol=1e-4, atol=1e-4 * (1 + a.abs().max().item()))
+        if bad.any():
+            e = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"The {key[0]} site '{key[1]}' gives different log-probs when the "
-                "evaluations run vectorized and sequentially "
-                f"({a.flatten().tolist()} vs {b.flatten().tolist()}): the model or guide "
-                "does not broadcast over the evaluation dim left of its plates (a reshape "
-                "or a reduction over a leading dim?). Make it broadcast, or pass "
-                "vectorize=False."
+                "evaluations run vectorized and sequentially (at index "
+                f"{e}: {a[tuple(e)].item():.6g} vs {b[tuple(e)].item():.6g}): the model "
+                "or guide does not broadcast over the evaluation dim left of its plates "
+                "(a reshape or a reduction over a leading dim?). Make it broadcast, or "
+                "pass vectorize=False."
             )
 
 

@@ -14,3 +14,9 @@ def _fresh_pyro():
     yield
     torch.set_default_dtype(dtype)
     pyro.clear_param_store()
+
+
+def pytest_configure(config):
+    # The test models are tiny: intra-op threads only add overhead (8x slower
+    # on a loaded 2-core machine).
+    torch.set_num_threads(1)
