@@ -38,7 +38,8 @@ The static structure (sites, plates, ``E``) is found at trace time with
 :func:`jax.eval_shape`, so it costs nothing per step under ``jit``.
 Structural errors are raised then; NaN/inf logits only outside ``jit`` and
 ``grad`` (under them they surface as a NaN loss; ``SVI.stable_update`` exists
-for that).
+for that). NumPyro's distribution validation is off inside our evaluations
+(as in the Pyro package): the user's choice applies outside them.
 """
 
 from collections import namedtuple
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 
 import numpyro.distributions as dist
 from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistribution
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.primitives import Messenger
 from numpyro.util import _validate_model, check_model_guide_match, not_jax_tracer
@@ -217,6 +219,17 @@ def _check_guide_site(msg, owner):
     )
 
 
+def _check_finite(name, alpha):
+    """NaN/inf logits raise where values are concrete (outside jit and grad)."""
+    if not_jax_tracer(alpha) and not bool(jnp.all(jnp.isfinite(alpha))):
+        raise ValueError(
+            f"Guide site '{name}' has NaN or infinite logits; check the guide's "
+            "parameters (e.g. lower the learning rate) or clamp the logits. "
+            "(Under jit or grad this cannot be detected and the loss is NaN; "
+            "SVI.stable_update skips such steps.)"
+        )
+
+
 # ---------------------------------------------------------------------------
 # the noise handler
 # ---------------------------------------------------------------------------
@@ -264,6 +277,7 @@ class NoiseMessenger(Messenger):
         alpha = jnp.broadcast_to(_bernoulli_logits(_base_dist(fn)), shape)
         if not jnp.issubdtype(alpha.dtype, jnp.floating):
             alpha = alpha.astype(jnp.result_type(float))
+        _check_finite(name, alpha)
         if name in self.noise:
             u = jnp.broadcast_to(jnp.asarray(self.noise[name], alpha.dtype), shape)
         else:
@@ -387,14 +401,15 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
         guide_trace, model_trace, record, _ = _traces(
             0, key, params, model, guide, args, kwargs, None, owner
         )
-        check_model_guide_match(model_trace, guide_trace)
         _validate_model(model_trace, plate_warning="loose")
+        found["traces"] = (model_trace, guide_trace)  # metadata only, after tracing
         found["guide"] = _summarize(guide_trace)
         found["model"] = _summarize(model_trace)
         found["owned"] = list(record)
         return jnp.zeros(())
 
-    jax.eval_shape(fn, key, params)
+    with validation_enabled(False):
+        jax.eval_shape(fn, key, params)
     guide_sites, guide_plates = found["guide"]
     model_sites, model_plates = found["model"]
     for name, info in model_sites.items():
@@ -412,6 +427,7 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
             "every latent site of the model to be sampled in the guide; observe it "
             "(obs=...) or add it to the guide."
         )
+    check_model_guide_match(*found["traces"])
     plate_sizes = {**model_plates, **guide_plates}
     plate_scales = {}
     for sites in (guide_sites, model_sites):
@@ -511,20 +527,15 @@ def run_evaluations(
     )
     E = _num_evaluations(structure)
     evals = jnp.arange(E)
-    if vectorize:
-        out = jax.vmap(run_one, in_axes=(0, None, None))(evals, key, params)
-    else:
-        out = jax.lax.map(lambda e: run_one(e, key, params), evals)
+    with validation_enabled(False):
+        if vectorize:
+            out = jax.vmap(run_one, in_axes=(0, None, None))(evals, key, params)
+        else:
+            out = jax.lax.map(lambda e: run_one(e, key, params), evals)
     f, signals, sites, mutable = out
     sites = {name: tuple(x[0] for x in rec) for name, rec in sites.items()}
     for name, (alpha, _, _, _) in sites.items():
-        if not_jax_tracer(alpha) and not bool(jnp.all(jnp.isfinite(alpha))):
-            raise ValueError(
-                f"Guide site '{name}' has NaN or infinite logits; check the guide's "
-                "parameters (e.g. lower the learning rate) or clamp the logits. "
-                "(Under jit or grad this cannot be detected and the loss is NaN; "
-                "SVI.stable_update skips such steps.)"
-            )
+        _check_finite(name, alpha)
     mutable = jax.tree.map(lambda x: x[0], mutable) if mutable else None
     return Evaluations(f, signals, sites, mutable)
 
