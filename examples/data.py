@@ -90,12 +90,19 @@ class Dataset:
 
     def fixed_binarization(self, n=None, seed=0):
         """
-        The first ``n`` rows (all if ``None``) binarized once: a single Bernoulli
-        draw with ``seed`` for dynamic binarization, the stored pixels otherwise.
-        Use it for evaluation sets and say which seed was used.
+        ``n`` rows (all if ``None``) binarized once: a single Bernoulli draw with
+        ``seed`` for dynamic binarization, the stored pixels otherwise.  A subset
+        (``n < len``) is a random one drawn with ``seed``, in sorted order, not the
+        first ``n`` rows (``binarized_mnist.npz``'s test file is not shuffled: it
+        starts with a run of zeros).  Use it for evaluation sets and say which
+        seed was used.
         """
-        idx = np.arange(len(self) if n is None else min(n, len(self)))
-        return self.binarized(idx, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        if n is None or n >= len(self):
+            idx = np.arange(len(self))
+        else:
+            idx = np.sort(rng.choice(len(self), size=n, replace=False))
+        return self.binarized(idx, rng)
 
     def mean(self):
         """Per-pixel mean of the split (probabilities; the data mean under dynamic binarization)."""
