@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
-from numpyro.distributions.util import promote_shapes, validate_sample
+from numpyro.distributions.util import promote_shapes
 
 
 class _OneHot(constraints.Constraint):
@@ -90,8 +90,8 @@ class OneHotCategorical(Distribution):
             index, self.num_categories, dtype=jnp.result_type(self.logits)
         )
 
-    @validate_sample
     def log_prob(self, value):
+        # no support validation: valid (and smooth) at relaxed values too
         return jnp.sum(value * jax.nn.log_softmax(self.logits, -1), -1)
 
     @property
