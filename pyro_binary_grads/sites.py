@@ -102,7 +102,7 @@ def discrete_log_prob(fn, value):
         return discrete_log_prob(fn.base_dist, value).expand(fn.batch_shape)
     if isinstance(fn, Bernoulli):
         a = fn.logits
-        return value * a - F.softplus(a)
+        return value * a - F.softplus(_compact(a))
     if isinstance(fn, OneHotCategorical):
         return (value * torch.log_softmax(fn.logits, -1)).sum(-1)
     if isinstance(fn, Categorical):
@@ -110,6 +110,15 @@ def discrete_log_prob(fn, value):
         value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
         return logp.gather(-1, value[..., :1]).squeeze(-1)
     return fn.log_prob(value)
+
+
+def _compact(t):
+    """The smallest view of ``t`` that broadcasts back to it: expanded
+    (stride-0) dims get size 1, so elementwise math on logits that were
+    broadcast over plates or evaluations is not repeated."""
+    if all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape)):
+        return t
+    return t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
 
 
 def _is_handled_discrete(fn):
@@ -450,7 +459,22 @@ def _terms(model_trace, guide_trace, L):
     return terms
 
 
+_WRAPPED = {}
+
+
 def _wrap(fn, E, U, num_particles):
+    """``fn`` inside the evaluation and particle plates (cached: a plate is
+    reusable, and building one costs about as much as a small tensor op)."""
+    key = (fn, E, U, num_particles)
+    wrapped = _WRAPPED.get(key)
+    if wrapped is None:
+        if len(_WRAPPED) > 64:
+            _WRAPPED.clear()
+        wrapped = _WRAPPED[key] = _plates(fn, E, U, num_particles)
+    return wrapped
+
+
+def _plates(fn, E, U, num_particles):
     if E is not None:
         fn = pyro.plate(EVAL_PLATE, E, dim=-(U + 1))(fn)
     if num_particles is not None:
