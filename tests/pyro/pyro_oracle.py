@@ -350,3 +350,207 @@ def exact_value_and_grads(spec, *, loss=False, num_nodes=40, init=True, vectoriz
     for k, p, g in zip(names, uparams, grads):
         out[k] = np.zeros(tuple(p.shape)) if g is None else g.detach().double().numpy().copy()
     return elbo.item(), out
+
+
+# ------------------------------------------------------------------------------------------
+# the K-sample importance-weighted bound (DESIGN.md, "Conventions shared by both packages")
+# ------------------------------------------------------------------------------------------
+#
+# L_K = sum_n s_P * logmeanexp_k f_{n,k} (+ the terms of sites outside P's plates, once), with P
+# the plates common to all guide latent sites and n the elements of P. The guide factorizes over
+# the elements of P (plates assert conditional independence and no latent lies outside P), and
+# f_{n,k} depends on element n of copy k only, so
+#     E[L_K] = sum_n sum_c prod_k q_n(c_k) * logmeanexp_k f_{n,k}(c_k) + outside,
+# where c = (c_1..c_K) runs over the joint configurations of ONE element's latents in the K copies.
+# All elements are enumerated at once ("diagonally"): configuration c gives every element of P
+# the same digits, and the weights/f are kept per element. Values are laid out as
+# (C, K, *plate dims); the K copies are just one more batch dim left of the plates.
+
+
+def _discover_plates(model, guide, args, kwargs):
+    """{name: (dim, size)} of the plates common to every guide latent site (P); raises on
+    sequential or subsampled plates."""
+    with poutine.block(), torch.no_grad():
+        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
+    for tr in (gtr, mtr):
+        for name, site in tr.nodes.items():
+            if not _is_sample(site):
+                continue
+            for f in site["cond_indep_stack"]:
+                if f.dim is None:
+                    raise NotImplementedError(f"site {name!r}: sequential plate {f.name!r}")
+                if f.full_size is not None and f.size != f.full_size:
+                    raise NotImplementedError(
+                        f"site {name!r}: plate {f.name!r} is subsampled (use spec.full())")
+    common = None
+    for name, site in gtr.nodes.items():
+        if not _is_sample(site) or site["is_observed"]:
+            continue
+        fr = {(f.name, f.dim, f.size) for f in site["cond_indep_stack"]}
+        common = fr if common is None else common & fr
+    return {n: (d, s) for n, d, s in (common or ())}
+
+
+def _build_iwae_grid(sites, K, num_nodes, pdims):
+    """Joint configurations of one element's latents in K copies, broadcast over P's dims.
+    Returns C, {name: np array (C, K, *shape)}, log quadrature weights (C,)."""
+    elem = []
+    n_disc = n_total = 1
+    for s in sites:
+        bd = len(s.shape) - s.event_dim
+        eshape = list(s.shape)
+        for d in pdims:
+            eshape[bd + d] = 1
+        eshape = tuple(eshape)
+        n = int(np.prod(eshape)) if eshape else 1
+        if s.kind == "onehot":
+            n //= s.K
+        elem.append((eshape, n))
+        n_total *= s.K ** (n * K)
+        if s.kind != "normal":
+            n_disc *= s.K ** (n * K)
+    if n_disc > MAX_DISCRETE_CONFIGS:
+        raise NotImplementedError(
+            f"{n_disc} discrete configurations per element (K={K}) > {MAX_DISCRETE_CONFIGS}")
+    if n_total > MAX_TOTAL_CONFIGS:
+        raise NotImplementedError(
+            f"{n_total} configurations per element (K={K}, with quadrature) > {MAX_TOTAL_CONFIGS}")
+    C = n_total
+    c = np.arange(C)
+    stride = 1
+    values = {s.name: [] for s in sites}
+    logw = np.zeros(C)
+    nodes, weights = np.polynomial.hermite.hermgauss(num_nodes)
+    for k in range(K):
+        for s, (eshape, n) in zip(sites, elem):
+            Kc = s.K
+            digits = np.stack([(c // (stride * Kc ** j)) % Kc for j in range(n)], axis=-1)  # (C, n)
+            stride *= Kc ** n
+            if s.kind == "bernoulli":
+                v = digits.astype(np.float64).reshape((C,) + eshape)
+            elif s.kind == "categorical":
+                v = digits.reshape((C,) + eshape)
+            elif s.kind == "onehot":
+                v = np.eye(Kc)[digits].reshape((C,) + eshape)
+            else:
+                v = nodes[digits].reshape((C,) + eshape)
+                logw += np.log(weights[digits] / np.sqrt(np.pi)).sum(-1)
+            values[s.name].append(np.broadcast_to(v, (C,) + s.shape))
+    return C, {k: np.stack(v, 1) for k, v in values.items()}, logw
+
+
+def exact_iwae_bound(model, guide, *args, num_samples=1, num_nodes=40, **kwargs):
+    """E over K = ``num_samples`` i.i.d. guide copies of the K-sample bound L_K (float64 scalar,
+    differentiable w.r.t. the param store). ``num_samples=1`` is the ELBO. Same site kinds as
+    ``exact_elbo``; at most 4096 discrete (400,000 with quadrature) configurations of ONE element
+    of P in all K copies. Subsampled plates raise (use ``spec.full()``: then s_P = 1)."""
+    K = int(num_samples)
+    if K < 1:
+        raise ValueError("num_samples must be >= 1")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sites, M = _discover(model, guide, args, kwargs)
+        P = _discover_plates(model, guide, args, kwargs)
+        pdims = sorted(d for d, _ in P.values())
+        for s in sites:
+            if s.kind == "normal":
+                s.K = num_nodes
+        C, values, logw = _build_iwae_grid(sites, K, num_nodes, pdims)
+        tv = {}
+        for s in sites:
+            pad = M - (len(s.shape) - s.event_dim)
+            v = values[s.name].reshape((C, K) + (1,) * pad + s.shape)
+            tv[s.name] = torch.as_tensor(v, dtype=torch.long if s.kind == "categorical"
+                                         else torch.float64)
+        return _run_iwae(model, guide, args, kwargs, sites, tv, torch.as_tensor(logw), M, P, C, K)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _run_iwae(model, guide, args, kwargs, sites, tv, logw, M, P, C, K):
+    pdims = {d for d, _ in P.values()}
+    pshape = [1] * M
+    for d, size in P.values():
+        pshape[M + d] = size
+    pshape = tuple(pshape)
+    pnames = set(P)
+
+    def align(lp):  # -> (C', K', *M dims)
+        if lp.dim() <= M:
+            return lp.reshape((1, 1) + (1,) * (M - lp.dim()) + tuple(lp.shape))
+        assert lp.dim() == M + 2, (tuple(lp.shape), M)
+        return lp
+
+    def in_P(site):
+        return pnames <= {f.name for f in site["cond_indep_stack"]}
+
+    def reduce_P(lp):  # sum the non-P plate dims of an aligned log-prob
+        dims = [2 + M + d for d in range(-M, 0) if d not in pdims]
+        return lp.sum(dims, keepdim=True) if dims else lp
+
+    with _SetValues(sites, tv):
+        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
+    kinds = {s.name: s.kind for s in sites}
+    f = torch.zeros((1, 1) + pshape)
+    lq = torch.zeros((1, 1) + pshape)
+    outside = torch.zeros(())
+
+    def add(site, name, lp, sign):
+        nonlocal f, outside
+        lp = align(lp)
+        if in_P(site):
+            f = f + sign * reduce_P(lp)
+            return
+        lp = lp.sum(tuple(range(2, 2 + M)))  # (C', K')
+        with torch.no_grad():
+            if (lp - lp.reshape(-1)[0]).abs().max() > 1e-12 * (1 + lp.abs().max()):
+                raise NotImplementedError(
+                    f"site {name!r} lies outside the plates {sorted(pnames)} common to the "
+                    "latent sites and depends on the latents: L_K is not defined for it")
+        outside = outside + sign * lp.reshape(-1)[0]
+
+    for name, site in mtr.nodes.items():
+        if _is_sample(site):
+            if not site["is_observed"] and name not in gtr.nodes:
+                raise NotImplementedError(f"model latent site {name!r} is not in the guide")
+            add(site, name, _site_log_prob(site), 1.0)
+    for name, site in gtr.nodes.items():
+        if not _is_sample(site) or site["is_observed"]:
+            continue
+        add(site, name, _site_log_prob(site), -1.0)
+        if kinds[name] != "normal":
+            lq = lq + reduce_P(align(_discrete_log_prob(site["fn"], site["value"])[0]))
+    full = (C, K) + pshape
+    lw = lq.expand(full).sum(1) + logw.reshape((C,) + (1,) * M)  # (C, *pshape)
+    with torch.no_grad():
+        tot = lw.exp().sum(0)
+        assert (tot - 1).abs().max() < 1e-8, f"configuration weights sum to {tot}"
+    lme = torch.logsumexp(f.expand(full), 1) - math.log(K)
+    return (lw.exp() * lme).sum() + outside
+
+
+def exact_iwae_value_and_grads(spec, num_samples=1, *, loss=False, num_nodes=40, init=True):
+    """(value, {param name: numpy float64 gradient}) of E[L_K] (K = ``num_samples``) of
+    ``spec.full()`` (of -E[L_K] with ``loss=True``), like ``exact_value_and_grads``."""
+    import specs
+    init_params(spec, clear=init)
+    store = pyro.get_param_store()
+    names = list(store.keys())
+    uparams = [store[k].unconstrained() for k in names]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, guide, args = spec.full().bind(specs.pyro_backend())
+        value = exact_iwae_bound(model, guide, *args, num_samples=num_samples, num_nodes=num_nodes)
+    finally:
+        torch.set_default_dtype(old)
+    if loss:
+        value = -value
+    grads = torch.autograd.grad(value, uparams, allow_unused=True)
+    out = {}
+    for k, p, g in zip(names, uparams, grads):
+        out[k] = np.zeros(tuple(p.shape)) if g is None else g.detach().double().numpy().copy()
+    return value.item(), out
