@@ -8,8 +8,8 @@ ELBO classes for Pyro::
 
 from pyro.distributions import OneHotCategorical
 
-from .elbo import ARM_ELBO, DisARM_ELBO
+from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 
 __version__ = "0.1.0"
 
-__all__ = ["ARM_ELBO", "DisARM_ELBO", "OneHotCategorical"]
+__all__ = ["ARM_ELBO", "DisARM_ELBO", "OneHotCategorical", "RLOO_ELBO"]

@@ -154,11 +154,20 @@ def subsample_scale(frame):
 class SiteInfo:
     """Static facts about one discrete guide site."""
 
-    def __init__(self, name, index, frames, event_dim):
+    def __init__(self, name, index, frames, fn):
         self.name = name
         self.index = index  # 0-based position among discrete sites
         self.frames = frames  # user plate frames
-        self.event_dim = event_dim
+        self.event_dim = fn.event_dim
+        base = _base_dist(fn)
+        if isinstance(base, Bernoulli):
+            self.kind = "bernoulli"
+        elif isinstance(base, OneHotCategorical):
+            self.kind = "onehot"
+        else:
+            self.kind = "categorical"
+        # the logits carry a class dim beyond the value's dims for Categorical
+        self.alpha_event_dim = self.event_dim + (self.kind == "categorical")
         self.kept = frames  # frames in which the learning signal stays local
         self.subsampled = tuple(f for f in frames if subsample_scale(f) != 1.0)
 
@@ -183,7 +192,7 @@ class GuideStructure:
             latents.append(site)
             if is_discrete_latent(site):
                 self.discrete[name] = SiteInfo(
-                    name, len(self.discrete), user_frames(site), site["fn"].event_dim
+                    name, len(self.discrete), user_frames(site), site["fn"]
                 )
             else:
                 self.num_before[name] = len(self.discrete)
@@ -277,8 +286,81 @@ def _check_guide_site(site, estimator_name, supports):
 
 
 # ---------------------------------------------------------------------------
+# evaluation plans
+# ---------------------------------------------------------------------------
+
+
+class Plan:
+    """
+    Which configurations an estimator evaluates. Evaluation ``e`` uses noise
+    draw ``source[e]`` of every discrete site and takes the antithetic value
+    at the sites ``j`` with ``flips[e][j]``. A non-discrete latent site after
+    ``k`` discrete sites is copied from evaluation ``base[e]`` (same noise
+    draw, no flips) unless one of the first ``k`` sites is flipped in ``e``.
+    """
+
+    def __init__(self, source, flips):
+        self.source = list(source)
+        self.flips = [tuple(f) for f in flips]
+        self.num_evaluations = len(self.source)
+        self.num_draws = max(self.source) + 1
+        unflipped = {}
+        for e, (s, f) in enumerate(zip(self.source, self.flips)):
+            if not any(f):
+                unflipped.setdefault(s, e)
+        self.base = [unflipped.get(s, e) for e, s in enumerate(self.source)]
+        self._cache = {}
+
+    @classmethod
+    def pairs(cls, T):
+        """ARM/DisARM: the base path and one antithetic flip per site."""
+        return cls([0] * (T + 1), [[t == e - 1 for t in range(T)] for e in range(T + 1)])
+
+    @classmethod
+    def independent(cls, K, T):
+        """K independent samples (RLOO, VIMCO)."""
+        return cls(range(K), [[False] * T] * K)
+
+    @classmethod
+    def antithetic_pairs(cls, P, T):
+        """P independent antithetic pairs of the whole configuration (local
+        DisARM): evaluations ``2k`` and ``2k + 1`` share noise draw ``k``."""
+        return cls([e // 2 for e in range(2 * P)], [[e % 2 == 1] * T for e in range(2 * P)])
+
+    def flips_any(self, j):
+        return any(f[j] for f in self.flips)
+
+    def copy_index(self, k):
+        """Per evaluation, where a non-discrete site after ``k`` discrete sites
+        takes its value from."""
+        if k not in self._cache:
+            self._cache[k] = [
+                e if any(self.flips[e][:k]) else self.base[e]
+                for e in range(self.num_evaluations)
+            ]
+        return self._cache[k]
+
+    def tensors(self, device):
+        key = ("tensors", device)
+        if key not in self._cache:
+            self._cache[key] = (
+                torch.tensor(self.source, device=device),
+                torch.tensor(self.flips, dtype=torch.bool, device=device).reshape(
+                    self.num_evaluations, -1
+                ),
+            )
+        return self._cache[key]
+
+
+# ---------------------------------------------------------------------------
 # the noise handler
 # ---------------------------------------------------------------------------
+
+
+def _categorical_value(u, alpha, one_hot):
+    """Gumbel-argmax: ``argmax(alpha - log(-log u))``."""
+    z = (alpha - torch.log(-torch.log(u))).argmax(-1)
+    return F.one_hot(z, alpha.shape[-1]).to(alpha.dtype) if one_hot else z
 
 
 class NoiseMessenger(Messenger):
@@ -289,27 +371,30 @@ class NoiseMessenger(Messenger):
     is seen after broadcasting. It sets ``msg["value"]`` only, so the sites
     stay latent and replayable.
 
-    :param structure: the :class:`GuideStructure`, or None on the first run.
+    :param structure: the :class:`GuideStructure`.
+    :param plan: the :class:`Plan` of evaluations.
     :param int plate_nesting: the user's ``max_plate_nesting`` U.
     :param evaluation: None for the vectorized run over the evaluation dim
         (at dim ``-(U + 1)``), or the index ``e`` of a single evaluation.
-    :param dict noise: site name -> uniforms, shared by all evaluations;
-        filled on first use.
-    :param base_trace: for a single evaluation ``e > 0``, the trace of
-        evaluation 0, from which subsample sites and the latent sites executed
-        before the flipped site are replayed.
+    :param dict noise: site name -> uniforms of shape ``alpha.shape`` with
+        ``plan.num_draws`` at the evaluation dim; filled on first use.
+    :param traces: for a single evaluation, the guide traces of the earlier
+        evaluations, from which subsample sites and copied latent sites are
+        replayed.
     """
 
-    def __init__(self, structure, plate_nesting, evaluation, noise, seed,
-                 check_values=False, base_trace=None, replay_values=None):
+    def __init__(self, structure, plan, plate_nesting, evaluation, noise, seed,
+                 check_values=False, traces=None, replay_values=None, batch_dims=None):
         super().__init__()
+        self.batch_dims = batch_dims
         self.structure = structure
+        self.plan = plan
         self.plate_nesting = plate_nesting
         self.evaluation = evaluation
         self.noise = noise
         self.seed = seed
         self.check_values = check_values
-        self.base_trace = base_trace
+        self.traces = traces or []
         self.replay_values = replay_values or {}
         self._count = 0
 
@@ -319,6 +404,8 @@ class NoiseMessenger(Messenger):
             gen = torch.Generator(device=alpha.device)
             gen.manual_seed(self.seed + 7919 * (info.index + 1))
             u = torch.rand(shape, generator=gen, dtype=alpha.dtype, device=alpha.device)
+            # keep u in (0, 1): the logit and Gumbel transforms stay finite
+            u = u.clamp(min=torch.finfo(u.dtype).tiny)
             self.noise[info.name] = u
         elif u.numel() != math.prod(shape):
             raise ValueError(
@@ -327,13 +414,13 @@ class NoiseMessenger(Messenger):
         return u.reshape(shape)
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
-            if msg["name"] in self.replay_values:
-                msg["value"] = self.replay_values[msg["name"]]
-            elif self.base_trace is not None and msg["name"] in self.base_trace:
-                msg["value"] = self.base_trace.nodes[msg["name"]]["value"]
-            return
         name = msg["name"]
+        if msg["is_observed"] or msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+            if name in self.replay_values:
+                msg["value"] = self.replay_values[name]
+            elif self.traces and name in self.traces[0]:
+                msg["value"] = self.traces[0].nodes[name]["value"]
+            return
         info = self.structure.discrete.get(name)
         if info is None and name not in self.structure.num_before:
             raise ValueError(
@@ -352,39 +439,52 @@ class NoiseMessenger(Messenger):
             )
         self._count += 1
         alpha = site_logits(msg["fn"])
-        if self.check_values and not torch.isfinite(alpha).all():
+        if self.check_values and not torch.isfinite(_compact(alpha)).all():
             raise ValueError(
                 f"Guide site '{name}' has NaN or infinite logits; check the guide's "
                 "parameters (e.g. lower the learning rate) or clamp the logits."
             )
-        e = self.evaluation
+        msg["value"] = self._value(info, alpha)
+
+    def _value(self, info, alpha):
+        U, plan, e = self.plate_nesting, self.plan, self.evaluation
         if e is None:
-            edim = alpha.dim() - info.event_dim - (self.plate_nesting + 1)
-            shape = alpha.shape[:edim] + (1,) + alpha.shape[edim + 1 :]
+            edim = alpha.dim() - info.alpha_event_dim - (U + 1)
+            shape = alpha.shape[:edim] + (plan.num_draws,) + alpha.shape[edim + 1 :]
             u = self._uniform(info, alpha, shape)
-            value = bernoulli_value(u, alpha)
-            flip = torch.zeros(alpha.shape[edim], dtype=torch.bool, device=alpha.device)
-            flip[info.index + 1] = True
-            flip = flip.reshape((-1,) + (1,) * (alpha.dim() - edim - 1))
-            value = torch.where(flip, antithetic_value(u, alpha), value)
+            source, flips = plan.tensors(alpha.device)
+            if plan.num_draws > 1:
+                u = u.index_select(edim, source)
+            flip = flips[:, info.index].reshape((-1,) + (1,) * (alpha.dim() - edim - 1))
         else:
-            u = self._uniform(info, alpha, alpha.shape)
-            if e == info.index + 1:
-                value = antithetic_value(u, alpha)
-            else:
-                value = bernoulli_value(u, alpha)
-        msg["value"] = value
+            full = _pad(alpha, self.batch_dims + info.alpha_event_dim, info.name)
+            edim = full.dim() - info.alpha_event_dim - (U + 1)
+            shape = full.shape[:edim] + (plan.num_draws,) + full.shape[edim + 1 :]
+            u = self._uniform(info, alpha, shape)
+            u = u.narrow(edim, plan.source[e], 1).reshape(alpha.shape)
+            flip = plan.flips[e][info.index]
+        if info.kind == "bernoulli":
+            if e is not None:
+                return (antithetic_value if flip else bernoulli_value)(u, alpha)
+            if not plan.flips_any(info.index):
+                return bernoulli_value(u, alpha)
+            return torch.where(flip, antithetic_value(u, alpha), bernoulli_value(u, alpha))
+        return _categorical_value(u, alpha, info.kind == "onehot")
 
     def _replay_upstream(self, msg):
-        """Sequential path: latent sites before the flipped site keep base values."""
+        """Sequential path: copied latent sites take the earlier evaluation's value."""
         name = msg["name"]
         if name in self.replay_values:
             msg["value"] = self.replay_values[name]
-        elif self.base_trace is not None and self.structure.num_before[name] < self.evaluation:
-            msg["value"] = self.base_trace.nodes[name]["value"]
+            return
+        e = self.evaluation
+        if e is not None:
+            c = self.plan.copy_index(self.structure.num_before[name])[e]
+            if c != e:
+                msg["value"] = self.traces[c].nodes[name]["value"]
 
     def _pyro_post_sample(self, msg):
-        """Vectorized path: copy the base slice of non-discrete latent sites."""
+        """Vectorized path: copy the base slices of non-discrete latent sites."""
         if (
             self.evaluation is not None
             or msg["is_observed"]
@@ -392,16 +492,12 @@ class NoiseMessenger(Messenger):
             or msg["name"] in self.structure.discrete
         ):
             return
-        k = self.structure.num_before[msg["name"]]
-        E = self.structure.num_sites + 1
-        if k == 0:
-            index = [0] * E
-        else:
-            index = [0] + [e if e <= k else 0 for e in range(1, E)]
+        index = self.plan.copy_index(self.structure.num_before[msg["name"]])
+        if index == list(range(len(index))):
+            return
         value = msg["value"]
         edim = value.dim() - msg["fn"].event_dim - (self.plate_nesting + 1)
-        idx = torch.tensor(index, device=value.device)
-        msg["value"] = value.index_select(edim, idx)
+        msg["value"] = value.index_select(edim, torch.tensor(index, device=value.device))
 
 
 # ---------------------------------------------------------------------------
@@ -414,11 +510,11 @@ class Evaluations:
     The ELBO integrand of one estimator draw on all its evaluations.
 
     :ivar terms: ``{key: (frame_names, frames, tensor)}``, one scaled and masked
-        log-prob term per site (guide terms negated, discrete guide terms
-        detached), each of ``L`` batch dims with the evaluation dim at
-        ``-(U + 1)``.
+        log-prob term per site (guide terms negated), each of ``L`` batch dims
+        with the evaluation dim at ``-(U + 1)``.
     :ivar discrete: ``{name: (alpha, value)}`` of the discrete guide sites,
-        with the evaluation dim at ``-(U + 1 + event_dim)``.
+        with the evaluation dim at ``-(U + 1 + alpha_event_dim)`` in alpha.
+    :ivar noise: ``{name: u}``, the uniforms of the discrete sites.
     """
 
     def __init__(self, terms, discrete, noise, guide_trace, model_trace):
@@ -439,7 +535,7 @@ def _pad(t, L, name):
     return t.reshape((1,) * (L - t.dim()) + t.shape)
 
 
-def _terms(model_trace, guide_trace, L):
+def _terms(model_trace, guide_trace, L, detach_discrete):
     terms = OrderedDict()
     for prefix, trace, sign in (("guide", guide_trace, -1.0), ("model", model_trace, 1.0)):
         for name, site in trace.nodes.items():
@@ -448,7 +544,7 @@ def _terms(model_trace, guide_trace, L):
             if prefix == "guide" and site["is_observed"]:
                 continue
             frames = user_frames(site)
-            lp = site_log_prob(site, detach_discrete=prefix == "guide")
+            lp = site_log_prob(site, detach_discrete=detach_discrete and prefix == "guide")
             if not torch.is_tensor(lp):
                 continue
             terms[prefix, name] = (
@@ -499,12 +595,12 @@ def _run(model, guide, args, kwargs, messenger, E, U, num_particles):
     return guide_trace, model_trace
 
 
-def run_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
-                   num_particles=None, check_values=False):
-    """All evaluations in one guide and one model execution."""
-    E = structure.num_sites + 1
+def run_vectorized(model, guide, args, kwargs, structure, plan, U, noise, seed,
+                   num_particles=None, check_values=False, detach_discrete=True):
+    """All evaluations of ``plan`` in one guide and one model execution."""
+    E = plan.num_evaluations
     L = U + 1 + (num_particles is not None)
-    messenger = NoiseMessenger(structure, U, None, noise, seed, check_values)
+    messenger = NoiseMessenger(structure, plan, U, None, noise, seed, check_values)
     try:
         guide_trace, model_trace = _run(
             model, guide, args, kwargs, messenger, E, U, num_particles
@@ -519,7 +615,7 @@ def run_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
             "Pass vectorize=False to evaluate sequentially, or give the right "
             "max_plate_nesting."
         ) from e
-    terms = _terms(model_trace, guide_trace, L)
+    terms = _terms(model_trace, guide_trace, L, detach_discrete)
     discrete = OrderedDict(
         (name, (site_logits(guide_trace.nodes[name]["fn"]), guide_trace.nodes[name]["value"]))
         for name in structure.discrete
@@ -527,28 +623,28 @@ def run_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
     return Evaluations(terms, discrete, noise, guide_trace, model_trace)
 
 
-def run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
-                   num_particles=None, check_values=False, replay=None):
+def run_sequential(model, guide, args, kwargs, structure, plan, U, noise, seed,
+                   num_particles=None, check_values=False, detach_discrete=True,
+                   replay=None):
     """
-    The evaluations one at a time, with the same noise. ``replay`` optionally
-    maps each evaluation to values of its non-discrete latent sites (used to
-    check the vectorized path).
+    The evaluations of ``plan`` one at a time, with the same noise.
+    ``replay`` optionally maps each evaluation to values of its non-discrete
+    latent sites (used to check the vectorized path).
     """
-    E = structure.num_sites + 1
+    E = plan.num_evaluations
     L = U + 1 + (num_particles is not None)
-    runs = []
-    base_trace = None
+    runs, traces = [], []
     for e in range(E):
         messenger = NoiseMessenger(
-            structure, U, e, noise, seed, check_values and e == 0,
-            base_trace=base_trace, replay_values=replay[e] if replay else None,
+            structure, plan, U, e, noise, seed, check_values and e == 0,
+            traces=traces, replay_values=replay[e] if replay else None, batch_dims=L,
         )
         guide_trace, model_trace = _run(
             model, guide, args, kwargs, messenger, None, U, num_particles
         )
-        base_trace = base_trace or guide_trace
+        traces.append(guide_trace)
         runs.append((guide_trace, model_trace))
-    per_eval = [_terms(m, g, L) for g, m in runs]
+    per_eval = [_terms(m, g, L, detach_discrete) for g, m in runs]
     edim = -(U + 1)
     terms = OrderedDict()
     for key, (names, frames, _) in per_eval[0].items():
@@ -556,27 +652,26 @@ def run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
         terms[key] = (names, frames, torch.cat(ts, dim=edim))
     discrete = OrderedDict()
     for name, info in structure.discrete.items():
-        d = edim - info.event_dim
         alphas, values = [], []
         for g, _ in runs:
             site = g.nodes[name]
-            alphas.append(_pad(site_logits(site["fn"]), L + info.event_dim, name))
+            alphas.append(_pad(site_logits(site["fn"]), L + info.alpha_event_dim, name))
             values.append(_pad(site["value"], L + info.event_dim, name))
         discrete[name] = (
-            torch.cat(torch.broadcast_tensors(*alphas), dim=d),
-            torch.cat(torch.broadcast_tensors(*values), dim=d),
+            torch.cat(torch.broadcast_tensors(*alphas), dim=edim - info.alpha_event_dim),
+            torch.cat(torch.broadcast_tensors(*values), dim=edim - info.event_dim),
         )
     return Evaluations(terms, discrete, noise, runs[0][0], runs[0][1])
 
 
-def check_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
+def check_vectorized(model, guide, args, kwargs, structure, plan, U, noise, seed,
                      num_particles, vectorized):
     """
     Re-run the evaluations sequentially with the vectorized run's noise and
     continuous values; a model or guide that mis-broadcasts over the
     evaluation dim gives different numbers. Raises naming the first site.
     """
-    E = structure.num_sites + 1
+    E = plan.num_evaluations
     replay = [dict() for _ in range(E)]
     for name, site in vectorized.guide_trace.nodes.items():
         if site_is_subsample(site):
@@ -588,7 +683,7 @@ def check_vectorized(model, guide, args, kwargs, structure, U, noise, seed,
             for e in range(E):
                 replay[e][name] = v.narrow(d, e, 1)
     with torch.no_grad():
-        seq = run_sequential(model, guide, args, kwargs, structure, U, noise, seed,
+        seq = run_sequential(model, guide, args, kwargs, structure, plan, U, noise, seed,
                              num_particles, replay=replay)
     edim = -(U + 1)
     for key, (_, _, t) in vectorized.terms.items():
@@ -650,25 +745,37 @@ def learning_signal(evals, info, U):
     return total
 
 
-def surrogate(evals, structure, U, pair_estimate):
-    """
-    Returns ``(value, surrogate)`` of one estimator draw: the value is the
-    ELBO estimate averaged over the evaluations, and the gradient of the
-    surrogate is the estimator (pathwise for model parameters and
-    reparameterized sites, ``pair_estimate`` for each discrete site).
-    """
-    edim = -(U + 1)
+def total_elbo(evals, U):
+    """The ELBO integrand summed over the plates: shape ``(P, E)`` or ``(E,)``."""
     f = 0.0
     for _, _, t in evals.terms.values():
-        f = f + _sum_but(t, edim)
-    elbo = f.mean()
+        f = f + _sum_but(t, -(U + 1))
+    return f
+
+
+def site_signal(evals, info, U):
+    """A site's learning signal, its alpha and value, each with the evaluation
+    dim at the same position (signal broadcast to the value's event dims)."""
+    alpha, value = evals.discrete[info.name]
+    signal = learning_signal(evals, info, U).detach()
+    signal = signal.reshape(signal.shape + (1,) * info.event_dim)
+    return signal, alpha, value
+
+
+def pair_surrogate(evals, structure, U, pair_estimate):
+    """
+    ``(elbo, surrogate)`` of one draw of a pair estimator (ARM, DisARM): the
+    ELBO averaged over the evaluations, and a surrogate whose gradient is
+    pathwise for model parameters and reparameterized sites and
+    ``pair_estimate`` (of the base and flipped evaluations of each site) for
+    the discrete sites' logits.
+    """
+    f = total_elbo(evals, U)
     num_particles = f.numel() // f.shape[-1]
-    surr = elbo
+    surr = f.mean()
     for name, info in structure.discrete.items():
-        alpha, value = evals.discrete[name]
-        signal = learning_signal(evals, info, U)
-        signal = signal.reshape(signal.shape + (1,) * info.event_dim).detach()
-        d = edim - info.event_dim
+        signal, alpha, value = site_signal(evals, info, U)
+        d = -(U + 1) - info.event_dim
         j = info.index + 1
         alpha0 = alpha.narrow(d, 0, 1)
         u = evals.noise[name].reshape(alpha0.shape)
@@ -677,4 +784,31 @@ def surrogate(evals, structure, U, pair_estimate):
             value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
         )
         surr = surr + (alpha0 * g.detach()).sum() / num_particles
-    return elbo, surr
+    return f.mean(), surr
+
+
+def score(info, alpha, value):
+    """:math:`\\nabla_\\alpha \\log q(v)`: ``v - sigmoid(alpha)``, or
+    ``one_hot(v) - softmax(alpha)`` for categorical sites (detached)."""
+    alpha = alpha.detach()
+    if info.kind == "bernoulli":
+        return value - torch.sigmoid(alpha)
+    if info.kind == "categorical":
+        value = F.one_hot(value.long(), alpha.shape[-1]).to(alpha.dtype)
+    return value - torch.softmax(alpha, -1)
+
+
+def score_surrogate(evals, structure, U, weight):
+    """
+    ``sum_sites sum_e alpha_e * sg(c_e * score_e)`` for score-function
+    estimators, where ``c = weight(signal)`` maps each site's learning
+    signals on the evaluations (evaluation dim at ``-(U + 1)``) to their
+    coefficients.
+    """
+    surr = 0.0
+    for info in structure.discrete.values():
+        signal, alpha, value = site_signal(evals, info, U)
+        c = weight(signal.reshape(signal.shape[: signal.dim() - info.event_dim]))
+        c = c.reshape(c.shape + (1,) * info.alpha_event_dim)
+        surr = surr + (alpha * (c * score(info, alpha, value).detach())).sum()
+    return surr
