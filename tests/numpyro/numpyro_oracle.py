@@ -287,3 +287,187 @@ def exact_value_and_grads(spec, params=None, *, loss=False, num_nodes=40):
 def exact_grads(spec, params=None, *, loss=False, num_nodes=40):
     """{param name: numpy float64 gradient} of the exact ELBO (or -ELBO with ``loss=True``)."""
     return exact_value_and_grads(spec, params, loss=loss, num_nodes=num_nodes)[1]
+
+
+# ------------------------------------------------------------------------------------------
+# the K-sample importance-weighted bound (DESIGN.md, "Conventions shared by both packages")
+# ------------------------------------------------------------------------------------------
+#
+# E[L_K] = sum_n sum_c prod_k q_n(c_k) * logmeanexp_k f_{n,k}(c_k) + outside, with c = (c_1..c_K)
+# the joint configurations of ONE element (of the plates P common to all guide latent sites) in
+# the K copies, enumerated for all elements at once ("diagonally"); see tests/pyro/pyro_oracle.py.
+# Here configurations and copies run under two nested jax.vmap's (one copy, one configuration per
+# trace, as in ``exact_elbo``).
+
+
+def _site_log_prob_array(site):
+    """Like ``_site_log_prob`` but not summed: shape = the site's batch shape."""
+    fn, value = site["fn"], site["value"]
+    if _kind(fn) in ("bernoulli", "categorical", "onehot"):
+        lp = _discrete_log_prob(fn, value)[1]
+    else:
+        lp = fn.log_prob(value)
+    if site.get("scale") is not None:
+        lp = lp * site["scale"]
+    return lp
+
+
+def _discover_plates(params, model, guide, args, kwargs):
+    """(max plate nesting M, {name: (dim, size)} of the plates common to every guide latent
+    site); raises on subsampled plates."""
+    gtr, mtr = _traces(params, model, guide, args, kwargs)
+    M = 0
+    for tr in (gtr, mtr):
+        for name, site in tr.items():
+            if site["type"] == "plate":
+                size = site["args"][0]
+                if jnp.shape(site["value"])[0] != size:
+                    raise NotImplementedError(f"plate {name!r} is subsampled (use spec.full())")
+            if site["type"] != "sample":
+                continue
+            for f in site["cond_indep_stack"]:
+                M = max(M, -f.dim)
+            M = max(M, len(site["fn"].batch_shape),
+                    jnp.ndim(site["value"]) - site["fn"].event_dim)
+    common = None
+    for name, site in gtr.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        fr = {(f.name, f.dim, f.size) for f in site["cond_indep_stack"]}
+        common = fr if common is None else common & fr
+    return M, {n: (d, s) for n, d, s in (common or ())}
+
+
+def _build_iwae_grid(sites, K, num_nodes, pdims):
+    """Joint configurations of one element's latents in K copies, broadcast over P's dims.
+    Returns C, {name: np array (C, K, *shape)}, log quadrature weights (C,)."""
+    elem = []
+    n_disc = n_total = 1
+    for s in sites:
+        bd = len(s.shape) - s.event_dim
+        eshape = list(s.shape)
+        for d in pdims:
+            eshape[bd + d] = 1
+        eshape = tuple(eshape)
+        n = int(np.prod(eshape)) if eshape else 1
+        if s.kind == "onehot":
+            n //= s.K
+        elem.append((eshape, n))
+        n_total *= s.K ** (n * K)
+        if s.kind != "normal":
+            n_disc *= s.K ** (n * K)
+    if n_disc > MAX_DISCRETE_CONFIGS:
+        raise NotImplementedError(
+            f"{n_disc} discrete configurations per element (K={K}) > {MAX_DISCRETE_CONFIGS}")
+    if n_total > MAX_TOTAL_CONFIGS:
+        raise NotImplementedError(
+            f"{n_total} configurations per element (K={K}, with quadrature) > {MAX_TOTAL_CONFIGS}")
+    C = n_total
+    c = np.arange(C)
+    stride = 1
+    values = {s.name: [] for s in sites}
+    logw = np.zeros(C)
+    nodes, weights = np.polynomial.hermite.hermgauss(num_nodes)
+    for k in range(K):
+        for s, (eshape, n) in zip(sites, elem):
+            Kc = s.K
+            digits = np.stack([(c // (stride * Kc ** j)) % Kc for j in range(n)], axis=-1)  # (C, n)
+            stride *= Kc ** n
+            if s.kind == "bernoulli":
+                v = digits.astype(np.float64).reshape((C,) + eshape)
+            elif s.kind == "categorical":
+                v = digits.astype(np.int32).reshape((C,) + eshape)
+            elif s.kind == "onehot":
+                v = np.eye(Kc)[digits].reshape((C,) + eshape)
+            else:
+                v = nodes[digits].reshape((C,) + eshape)
+                logw += np.log(weights[digits] / np.sqrt(np.pi)).sum(-1)
+            values[s.name].append(np.broadcast_to(v, (C,) + s.shape))
+    return C, {k: np.stack(v, 1) for k, v in values.items()}, logw
+
+
+def exact_iwae_bound(params, model, guide, *args, num_samples=1, num_nodes=40, **kwargs):
+    """E over K = ``num_samples`` i.i.d. guide copies of the K-sample bound L_K (float64 scalar,
+    differentiable w.r.t. ``params``). ``num_samples=1`` is the ELBO. Same site kinds as
+    ``exact_elbo``; at most 4096 discrete (400,000 with quadrature) configurations of ONE element
+    of P in all K copies. Subsampled plates raise (use ``spec.full()``: then s_P = 1).
+    A site outside P whose log-prob depends on the latents makes L_K undefined: raises when the
+    values are concrete, returns NaN under a jax transformation."""
+    K = int(num_samples)
+    if K < 1:
+        raise ValueError("num_samples must be >= 1")
+    sites = _discover(params, model, guide, args, kwargs, num_nodes)
+    M, P = _discover_plates(params, model, guide, args, kwargs)
+    pdims = {d for d, _ in P.values()}
+    pshape = [1] * M
+    for d, size in P.values():
+        pshape[M + d] = size
+    pshape = tuple(pshape)
+    pnames = set(P)
+    C, values, logw = _build_iwae_grid(sites, K, num_nodes, sorted(pdims))
+    values = {k: jnp.asarray(v) for k, v in values.items()}
+    kinds = {s.name: s.kind for s in sites}
+    keep = tuple(M + d for d in range(-M, 0) if d not in pdims)
+
+    def one(vals):
+        gtr, mtr = _traces(params, model, guide, args, kwargs, sites, vals)
+        f = jnp.zeros(pshape)
+        lq = jnp.zeros(pshape)
+        out = jnp.zeros(())
+
+        def add(site, lp, sign):
+            lp = jnp.reshape(lp, (1,) * (M - jnp.ndim(lp)) + jnp.shape(lp))
+            if pnames <= {fr.name for fr in site["cond_indep_stack"]}:
+                return f + sign * jnp.broadcast_to(jnp.sum(lp, keep, keepdims=True), pshape), out
+            return f, out + sign * jnp.sum(lp)
+
+        for name, site in mtr.items():
+            if site["type"] != "sample":
+                continue
+            if not site["is_observed"] and name not in gtr:
+                raise NotImplementedError(f"model latent site {name!r} is not in the guide")
+            f, out = add(site, _site_log_prob_array(site), 1.0)
+        for name, site in gtr.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            f, out = add(site, _site_log_prob_array(site), -1.0)
+            if kinds[name] != "normal":
+                lp = _discrete_log_prob(site["fn"], site["value"])[0]
+                lp = jnp.reshape(lp, (1,) * (M - jnp.ndim(lp)) + jnp.shape(lp))
+                lq = lq + jnp.broadcast_to(jnp.sum(lp, keep, keepdims=True), pshape)
+        return lq, f, out
+
+    lq, f, out = jax.vmap(jax.vmap(one))(values)  # (C, K, *pshape) x2, (C, K)
+    lw = jnp.sum(lq, 1) + jnp.reshape(jnp.asarray(logw), (C,) + (1,) * M)
+    lme = jax.nn.logsumexp(f, 1) - math.log(K)
+    const = jnp.all(jnp.abs(out - out[0, 0]) <= 1e-12 * (1 + jnp.max(jnp.abs(out))))
+    if not isinstance(out, jax.core.Tracer):
+        if not bool(const):
+            raise NotImplementedError(
+                f"a site outside the plates {sorted(pnames)} common to the latent sites depends "
+                "on the latents: L_K is not defined for it")
+        tot = np.asarray(jnp.sum(jnp.exp(lw), 0))
+        assert np.abs(tot - 1).max() < 1e-8, f"configuration weights sum to {tot}"
+    value = jnp.sum(jnp.exp(lw) * lme) + out[0, 0]
+    return jnp.where(const, value, jnp.nan)
+
+
+def exact_iwae_value_and_grads(spec, params=None, num_samples=1, *, loss=False, num_nodes=40):
+    """(value, {param name: numpy float64 gradient}) of E[L_K] (K = ``num_samples``) of
+    ``spec.full()`` (of -E[L_K] with ``loss=True``) at ``params`` (default: the spec's initial
+    params), like ``exact_value_and_grads``."""
+    if params is None:
+        params = init_params(spec)
+    model, guide, args = bind(spec.full())
+    sign = -1.0 if loss else 1.0
+
+    def fn(p):
+        return sign * exact_iwae_bound(p, model, guide, *args, num_samples=num_samples,
+                                       num_nodes=num_nodes)
+
+    vg = jax.value_and_grad(fn)
+    try:  # cheaper XLA compile; the numbers are the same
+        value, grads = jax.jit(vg, compiler_options={"xla_backend_optimization_level": 0})(dict(params))
+    except Exception:  # noqa: BLE001 -- option unknown to this jaxlib
+        value, grads = jax.jit(vg)(dict(params))
+    return float(value), {k: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
