@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--hidden", type=int, default=200)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainers", default="hand,disarm,tracegraph")
     p.add_argument("--json", default=None, help="write the results to this file")
