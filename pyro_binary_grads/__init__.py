@@ -9,7 +9,16 @@ ELBO classes for Pyro::
 from pyro.distributions import OneHotCategorical
 
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
+from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
 
 __version__ = "0.1.0"
 
-__all__ = ["ARM_ELBO", "DisARM_ELBO", "OneHotCategorical", "RLOO_ELBO"]
+__all__ = [
+    "ARM_ELBO",
+    "DisARM_ELBO",
+    "LocalDisARM_IWAE",
+    "OneHotCategorical",
+    "RLOO_ELBO",
+    "VIMCO",
+    "iwae_bound",
+]
