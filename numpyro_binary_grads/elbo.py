@@ -125,6 +125,9 @@ class ARM_ELBO(_SiteELBO):
 
     NaN/inf logits raise ``ValueError`` only outside ``jit`` and ``grad``;
     under them the loss is NaN (``SVI.stable_update`` skips such steps).
+    Model and guide are traced (``jax.vmap`` or ``jax.lax.map`` over the
+    evaluations), so, as under ``jit``, no Python control flow on sampled
+    values. NumPyro's distribution validation is off inside the evaluations.
 
     :param int num_particles: independent replicates of the estimator, averaged.
     :param vectorize_particles: ``jax.vmap`` over particles (True),
@@ -152,6 +155,9 @@ class DisARM_ELBO(_SiteELBO):
 
     NaN/inf logits raise ``ValueError`` only outside ``jit`` and ``grad``;
     under them the loss is NaN (``SVI.stable_update`` skips such steps).
+    Model and guide are traced (``jax.vmap`` or ``jax.lax.map`` over the
+    evaluations), so, as under ``jit``, no Python control flow on sampled
+    values. NumPyro's distribution validation is off inside the evaluations.
 
     :param int num_particles: independent replicates of the estimator, averaged.
     :param vectorize_particles: ``jax.vmap`` over particles (True),

@@ -147,6 +147,32 @@ def test_unbiased_lax_map_over_evaluations(name):
     stats.assert_powerful(stats.check_unbiased(draws, exact))
 
 
+def expanded_spec():
+    """A guide site with one shared logit expanded over a plate and an event dim."""
+    x = np.array([0.9, -0.3, 1.4])
+
+    def guide(B, x):
+        a = B.param("q_a", 0.4)
+        with B.plate("data", 3, dim=-1):
+            B.sample("b", B.dist.Bernoulli(logits=a).expand([3, 2]).to_event(1))
+
+    def model(B, x):
+        p = B.param("p_logit", -0.3)
+        mu = B.param("p_mu", 0.8)
+        with B.plate("data", 3, dim=-1):
+            b = B.sample("b", B.dist.Bernoulli(logits=p).expand([3, 2]).to_event(1))
+            B.sample("x", B.dist.Normal(mu * B.sum(b, -1) - 0.5, 1.0), obs=x)
+
+    return specs.Spec("expanded", model, guide, (x,), doc="expanded guide logits")
+
+
+def test_unbiased_expanded_guide_site():
+    spec = expanded_spec()
+    names, exact = exact_flat(spec, init_params(spec))
+    for draws, _ in gradient_draws([ARM_ELBO(), DisARM_ELBO()], spec, names, 4000, 30):
+        stats.assert_powerful(stats.check_unbiased(draws, exact))
+
+
 def test_unbiased_float32():
     spec = specs.SPECS["sbn"]()
     names, exact = exact_flat(spec)
