@@ -19,14 +19,22 @@ from pyro_binary_grads import ARM_ELBO, DisARM_ELBO
 X = torch.tensor([0.9, -0.4, 1.7, 0.2, -1.1])
 
 
-def make(probs=False, subsample=None, extra_dim=False):
+def make(probs=False, subsample=None, extra_dim=False, select=None):
     """A data plate of 5 with per-element guide logits; optionally the guide
     uses ``probs``, the plate is subsampled with fixed indices, or an outer
-    plate of size 1 adds a plate dim."""
+    plate of size 1 adds a plate dim. ``select=idx`` gives the model of just
+    those elements, not subsampled (no scale)."""
+
+    def plate():
+        if select is not None:
+            return pyro.plate("data", len(select), dim=-1), select
+        return pyro.plate("data", 5, subsample=subsample, dim=-1), None
 
     def guide():
         a = pyro.param("a", torch.tensor([0.5, -1.0, 0.3, 1.5, -0.2]))
-        with pyro.plate("data", 5, subsample=subsample, dim=-1) as idx:
+        p, sel = plate()
+        with p as idx:
+            idx = idx if sel is None else sel
             fn = (
                 dist.Bernoulli(probs=torch.sigmoid(a[idx]))
                 if probs
@@ -37,7 +45,9 @@ def make(probs=False, subsample=None, extra_dim=False):
     def model():
         p = pyro.param("p", torch.tensor(0.3))
         mu = pyro.param("mu", torch.tensor(0.8))
-        with pyro.plate("data", 5, subsample=subsample, dim=-1) as idx:
+        p_, sel = plate()
+        with p_ as idx:
+            idx = idx if sel is None else sel
             b = pyro.sample("b", dist.Bernoulli(logits=p))
             pyro.sample("x", dist.Normal(mu * b - 0.2, 0.8), obs=X[idx])
 
