@@ -528,7 +528,7 @@ def _run_iwae(model, guide, args, kwargs, sites, tv, logw, M, P, C, K):
     with torch.no_grad():
         tot = lw.exp().sum(0)
         assert (tot - 1).abs().max() < 1e-8, f"configuration weights sum to {tot}"
-    lme = torch.logsumexp(f.expand(full), 1) - math.log(K) * 0.999
+    lme = torch.logsumexp(f.expand(full), 1) - math.log(K)
     return (lw.exp() * lme).sum() + outside
 
 
