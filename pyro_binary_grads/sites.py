@@ -299,7 +299,11 @@ class Plan:
     draw, no flips) unless one of the first ``k`` sites is flipped in ``e``.
     """
 
-    def __init__(self, source, flips):
+    def __init__(self, source, flips, value_fn=None):
+        #: optional ``value_fn(info, u, alpha, hard) -> value``: the value a
+        #: discrete site takes given its noise, logits and hard sample (e.g. a
+        #: straight-through value ``hard + (s - sg(s))``); default the hard one
+        self.value_fn = value_fn
         self.source = list(source)
         self.flips = [tuple(f) for f in flips]
         self.num_evaluations = len(self.source)
@@ -444,7 +448,10 @@ class NoiseMessenger(Messenger):
                 f"Guide site '{name}' has NaN or infinite logits; check the guide's "
                 "parameters (e.g. lower the learning rate) or clamp the logits."
             )
-        msg["value"] = self._value(info, alpha)
+        value = self._value(info, alpha)
+        if self.plan.value_fn is not None:
+            value = self.plan.value_fn(info, self._last_u, alpha, value)
+        msg["value"] = value
 
     def _value(self, info, alpha):
         U, plan, e = self.plate_nesting, self.plan, self.evaluation
@@ -463,6 +470,7 @@ class NoiseMessenger(Messenger):
             u = self._uniform(info, alpha, shape)
             u = u.narrow(edim, plan.source[e], 1).reshape(alpha.shape)
             flip = plan.flips[e][info.index]
+        self._last_u = u
         if info.kind == "bernoulli":
             if e is not None:
                 return (antithetic_value if flip else bernoulli_value)(u, alpha)
