@@ -536,3 +536,39 @@ SPECS = {
 
 DISCRETE_SPECS = [k for k, f in SPECS.items() if f().discrete]
 BERNOULLI_SPECS = [k for k in SPECS if not k.startswith("categorical")]
+
+
+# --------------------------------------------------------------------------------------------
+# specs for the K-sample (IWAE) oracles only (not in SPECS: the other suites stay as they are)
+# --------------------------------------------------------------------------------------------
+
+def outside_obs(with_global=True):
+    """Local Bernoulli b_n in a data plate, plus (``with_global``) a global observed site y with no
+    latent dependence: outside the plates common to the latent sites, so the K-sample bound adds
+    its log-prob once, outside the log-mean-exp."""
+    N = 3
+    x = np.array([0.6, -0.9, 1.4])
+    y = np.array(0.35)
+
+    def guide(B, x, y):
+        a = B.param("q_a", np.array([0.2, -0.6, 0.9]))
+        with B.plate("data", N, dim=-1):
+            B.sample("b", B.dist.Bernoulli(logits=a))
+
+    def model(B, x, y):
+        p = B.param("p_logit", -0.3)
+        mu = B.param("p_mu", 1.2)
+        m = B.param("p_m", -0.4)
+        if with_global:
+            B.sample("y", B.dist.Normal(m, 1.0), obs=y)
+        with B.plate("data", N, dim=-1):
+            b = B.sample("b", B.dist.Bernoulli(logits=p))
+            B.sample("x", B.dist.Normal(mu * b - 0.1, 1.0), obs=x)
+
+    return Spec("outside_obs" if with_global else "outside_obs_without_y", model, guide, (x, y),
+                doc="data plate of 3 local bits; a global observed y outside it (IWAE oracles)")
+
+
+IWAE_SPECS = {
+    "outside_obs": outside_obs,
+}

@@ -409,7 +409,7 @@ def exact_iwae_bound(params, model, guide, *args, num_samples=1, num_nodes=40, *
     kinds = {s.name: s.kind for s in sites}
     keep = tuple(M + d for d in range(-M, 0) if d not in pdims)
 
-    def one(vals):
+    def one(params, vals):
         gtr, mtr = _traces(params, model, guide, args, kwargs, sites, vals)
         f = jnp.zeros(pshape)
         lq = jnp.zeros(pshape)
@@ -437,7 +437,10 @@ def exact_iwae_bound(params, model, guide, *args, num_samples=1, num_nodes=40, *
                 lq = lq + jnp.broadcast_to(jnp.sum(lp, keep, keepdims=True), pshape)
         return lq, f, out
 
-    lq, f, out = jax.vmap(jax.vmap(one))(values)  # (C, K, *pshape) x2, (C, K)
+    # jit: called eagerly (outside any jax transformation) this is one compile instead of
+    # thousands of op-by-op dispatches; inside jit/grad it is inlined/traced as usual
+    core = jax.jit(lambda p, v: jax.vmap(jax.vmap(lambda u: one(p, u)))(v))
+    lq, f, out = core(params, values)  # (C, K, *pshape) x2, (C, K)
     lw = jnp.sum(lq, 1) + jnp.reshape(jnp.asarray(logw), (C,) + (1,) * M)
     lme = jax.nn.logsumexp(f, 1) - math.log(K)
     const = jnp.all(jnp.abs(out - out[0, 0]) <= 1e-12 * (1 + jnp.max(jnp.abs(out))))
