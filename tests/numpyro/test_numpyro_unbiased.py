@@ -36,6 +36,7 @@ from numpyro_binary_grads import ARM_ELBO, DisARM_ELBO  # noqa: E402
 
 ELBOS = {"arm": ARM_ELBO, "disarm": DisARM_ELBO}
 B = specs.numpyro_backend()
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def exact_flat(spec, params=None):
@@ -81,7 +82,9 @@ def gradient_draws(elbos, spec, names, particles, batches, *, params=None, seed=
         g = jax.vmap(jax.vmap(one))(keys).astype(jnp.float64)  # (batches, particles, n, dim)
         return jnp.mean(g, 1), jnp.var(g, (0, 1))
 
-    means, var = run(jax.random.PRNGKey(seed))
+    key = jax.random.PRNGKey(seed)
+    # XLA's backend optimisations cost more compile time than they save here
+    means, var = run.lower(key).compile(compiler_options=FAST_COMPILE)(key)
     means, var = np.asarray(means), np.asarray(var)
     return [(means[:, i], var[i]) for i in range(len(elbos))]
 
