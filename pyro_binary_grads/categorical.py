@@ -1,0 +1,476 @@
+"""
+Straight-through family of (biased) gradient estimators for one-hot
+categorical guide sites: ST, straight-through Gumbel-softmax, Gumbel-Rao,
+ReinMax, ReinMax-Rao and ReinMax-CV.
+
+All of them evaluate the ELBO integrand :math:`f` once, at the hard sample
+:math:`D = \\mathrm{onehot}(\\arg\\max(\\alpha + G))`, :math:`G = -\\log(-\\log u)`
+(so :math:`D \\sim \\mathrm{Cat}(\\mathrm{softmax}(\\alpha))`), and replace the
+missing derivative of the sample by a surrogate :math:`s(\\alpha)`: the site
+takes the value
+
+.. math:: v = D + s(\\alpha) - \\mathrm{sg}(s(\\alpha)),
+
+which equals :math:`D` numerically, and backpropagation gives
+
+.. math:: \\hat g_\\alpha = \\Big(\\frac{\\partial s}{\\partial \\alpha}\\Big)^{\\!\\top} g_D,
+    \\qquad g_D = \\frac{\\partial f}{\\partial D}\\Big|_{D},
+
+plus every explicit dependence of :math:`f` on the parameters (model
+parameters, the logits inside :math:`\\log q(D)`, reparameterized sites),
+which is differentiated normally (``ESTIMATORS.md`` 0.2). Discrete log-probs
+are computed as :math:`\\sum_i v_i \\log\\mathrm{softmax}(\\alpha)_i`, so they are
+differentiable in :math:`v`; the model must accept the one-hot value as a
+float tensor (e.g. use it in a matrix product) for :math:`g_D` to exist.
+
+Notation (``ESTIMATORS.md`` section 0): :math:`\\pi = \\mathrm{softmax}(\\alpha)`,
+:math:`J(p) = \\mathrm{diag}(p) - p p^\\top` (the Jacobian of softmax at
+output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7.
+"""
+
+import torch
+from torch.distributions import Categorical, OneHotCategorical
+
+import pyro.poutine as poutine
+
+from .elbo import SiteELBO
+from .sites import Plan, _base_dist, is_discrete_latent, total_elbo
+
+
+# ---------------------------------------------------------------------------
+# pure functions (class dim last)
+# ---------------------------------------------------------------------------
+
+
+def gumbel(u):
+    """:math:`G = -\\log(-\\log u)`, the noise whose argmax with the logits is
+    the mechanism's hard sample."""
+    return -torch.log(-torch.log(u))
+
+
+def conditional_gumbel(alpha, D, v):
+    """
+    Perturbed logits :math:`\\tilde z \\sim (\\alpha + G \\mid \\arg\\max(\\alpha + G) = D)`
+    from uniforms ``v`` (shape ``(K,) + alpha.shape``): with
+    :math:`E = -\\log v`, the top coordinate is
+    :math:`\\tilde z_k = \\log\\sum_i e^{\\alpha_i} - \\log E_k` and the others
+    :math:`\\tilde z_i = -\\log(E_i e^{-\\alpha_i} + e^{-\\tilde z_k})`
+    (REBAR App. C; Gumbel-Rao eq. (9); ``cond_gumbel`` of ``ESTIMATORS.md``
+    section 5). Detached.
+    """
+    alpha, D = alpha.detach(), D.detach()
+    logE = torch.log(-torch.log(v))
+    top = torch.logsumexp(alpha, -1, keepdim=True) - (logE * D).sum(-1, keepdim=True)
+    rest = -torch.logaddexp(logE - alpha, -top)
+    return torch.where(D > 0, top, rest)
+
+
+def held_softmax(alpha, z, tau):
+    """:math:`\\mathrm{softmax}((\\alpha + \\mathrm{sg}(z - \\alpha)) / \\tau)`: value
+    :math:`\\mathrm{softmax}(z/\\tau)`, Jacobian w.r.t. :math:`\\alpha`
+    :math:`\\frac1\\tau J(\\mathrm{softmax}(z/\\tau))` (the noise in ``z`` held fixed)."""
+    return torch.softmax((alpha + (z - alpha).detach()) / tau, -1)
+
+
+def reinmax_half(alpha, D, tau):
+    """:math:`\\pi_{1/2} = \\tfrac12(\\mathrm{softmax}(\\alpha/\\tau) + D)`, detached."""
+    return 0.5 * (torch.softmax(alpha.detach() / tau, -1) + D)
+
+
+def reinmax_surrogate(alpha, D, tau):
+    """
+    The ReinMax surrogate (Liu et al. 2023, Algorithm 2; the official code's
+    backward): :math:`\\pi_1 = \\mathrm{softmax}(\\mathrm{sg}(\\log\\pi_{1/2} - \\alpha) + \\alpha)`
+    (value :math:`\\pi_{1/2}`, Jacobian :math:`J(\\pi_{1/2})`),
+    :math:`s = 2\\pi_1 - \\tfrac12\\pi`, so
+    :math:`\\partial s/\\partial\\alpha = 2J(\\pi_{1/2}) - \\tfrac12 J(\\pi)`.
+    """
+    half = reinmax_half(alpha, D, tau)
+    pi1 = held_softmax(alpha, torch.log(half), 1.0)
+    return 2 * pi1 - 0.5 * torch.softmax(alpha, -1)
+
+
+def theta_D(alpha, D):
+    """:math:`\\theta_D = \\log\\tfrac12(\\pi + D)` (Wang & Bui), detached."""
+    return torch.log(0.5 * (torch.softmax(alpha.detach(), -1) + D))
+
+
+def gumbel_rao_surrogate(alpha, z, tau):
+    """:math:`\\frac1K\\sum_k \\mathrm{softmax}((\\alpha + \\mathrm{sg}(\\tilde z^{(k)} - \\alpha))/\\tau)`
+    for perturbed logits ``z`` of shape ``(K,) + alpha.shape``: Jacobian
+    :math:`\\bar J_{\\rm GR} = \\frac1K\\sum_k \\frac1\\tau J(\\mathrm{softmax}(\\tilde z^{(k)}/\\tau))`."""
+    return held_softmax(alpha, z, tau).mean(0)
+
+
+# ---------------------------------------------------------------------------
+# the ELBO classes
+# ---------------------------------------------------------------------------
+
+
+class _StraightThroughELBO(SiteELBO):
+    """
+    Base class of the straight-through family: one evaluation of the ELBO
+    integrand at the hard sample, whose value at each ``OneHotCategorical``
+    guide site is ``D + s - sg(s)`` with the estimator's surrogate ``s``
+    (:meth:`surrogate`). The value is the single-sample ELBO estimate; the
+    gradient is the pathwise gradient through the surrogate plus every
+    explicit dependence of the integrand on the parameters.
+    """
+
+    supports = (OneHotCategorical,)
+    detach_discrete = False
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=1.0, vectorize=True, **kwargs):
+        if not temperature > 0:
+            raise ValueError(
+                f"{type(self).__name__} needs temperature > 0, got {temperature}."
+            )
+        self.temperature = float(temperature)
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         vectorize=vectorize, **kwargs)
+        #: test hook: {site name: uniforms of shape (K, *alpha.shape)} for the
+        #: extra (conditional / unconditional) Gumbel draws of the next step
+        self._extra_noise = None
+
+    # -- mechanism hooks ----------------------------------------------------
+
+    def plan(self, num_sites):
+        plan = Plan.independent(1, num_sites)
+        plan.value_fn = self._site_value
+        return plan
+
+    def _site_value(self, info, u, alpha, hard):
+        s = self.surrogate(info.name, alpha, u, hard)
+        return hard + (s - s.detach())
+
+    def surrogate(self, name, alpha, u, D):
+        """The differentiable surrogate ``s(alpha)`` of one site (class dim last)."""
+        raise NotImplementedError
+
+    def value_and_surrogate(self, evals, structure, plate_nesting):
+        f = total_elbo(evals, plate_nesting)
+        return f.mean(), f.mean()
+
+    def _uniforms(self, name, num, alpha):
+        """``num`` fresh uniform draws shaped like ``alpha`` (or the test hook's)."""
+        shape = (num,) + alpha.shape
+        hook = (self._extra_noise or {}).get(name)
+        if hook is not None:
+            if hook.numel() != num * alpha.numel():
+                raise ValueError(
+                    f"Extra noise for site '{name}' has shape {tuple(hook.shape)}, "
+                    f"expected {shape}."
+                )
+            return hook.reshape(shape).to(alpha)
+        u = torch.rand(shape, dtype=alpha.dtype, device=alpha.device)
+        return u.clamp(min=torch.finfo(u.dtype).tiny)
+
+    # -- a clearer error for integer Categorical sites ------------------------
+
+    def _setup(self, model, guide, args, kwargs):
+        if self._structure is None:
+            with poutine.block():
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or not is_discrete_latent(site):
+                    continue
+                base = _base_dist(site["fn"])
+                if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
+                    raise NotImplementedError(
+                        f"Guide site '{name}' is a Categorical (integer-valued) site. "
+                        f"{type(self).__name__} differentiates the integrand through "
+                        "the sample's value, which needs a one-hot sample: use "
+                        "pyro_binary_grads.OneHotCategorical(logits=...) in the guide "
+                        "and the model (one-hot float values; index with a matrix "
+                        "product, e.g. value @ table, rather than table[value]), or "
+                        "keep the Categorical site and use an unbiased estimator "
+                        "such as pyro_binary_grads.RLOO_ELBO."
+                    )
+        super()._setup(model, guide, args, kwargs)
+
+
+_COMMON_PARAMS = """
+    :param int num_particles: independent estimator draws averaged per step.
+    :param int max_plate_nesting: the model's and guide's plate nesting,
+        guessed on the first step if not given.
+    :param bool vectorize_particles: draw the particles in one vectorized run.
+    :param bool vectorize: run guide and model vectorized over the
+        mechanism's evaluation dim (default) or not (for models that do not
+        broadcast over leading dims).
+"""
+
+
+class ST_ELBO(_StraightThroughELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by the straight-through estimator [1] in its slope-annealed
+    form ([2], eq. (5)):
+
+    .. math::
+        \\hat g_\\alpha = \\tfrac1\\tau\\, J(\\mathrm{softmax}(\\alpha/\\tau))\\, g_D,
+        \\qquad D \\sim \\mathrm{Cat}(\\mathrm{softmax}(\\alpha)),
+
+    i.e. the site's value is ``D + y - sg(y)``, :math:`y = \\mathrm{softmax}(\\alpha/\\tau)`.
+    Biased (exact for :math:`f` linear in :math:`D` at :math:`\\tau = 1`); one
+    evaluation of the integrand per step. Model parameters, the explicit
+    :math:`-\\log q` term and reparameterized sites get ordinary gradients.
+
+    Example::
+
+        from pyro_binary_grads import ST_ELBO, OneHotCategorical
+        def guide(x):
+            logits = encoder(x).reshape(-1, 20, 10)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", OneHotCategorical(logits=logits).to_event(1))
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), ST_ELBO())
+
+    :param float temperature: :math:`\\tau > 0` (default 1).
+    """ + _COMMON_PARAMS + """
+    [1] Yoshua Bengio, Nicholas Léonard, Aaron Courville, "Estimating or
+        Propagating Gradients Through Stochastic Neurons for Conditional
+        Computation", arXiv:1308.3432, 2013.
+    [2] Max B. Paulus, Chris J. Maddison, Andreas Krause, "Rao-Blackwellizing
+        the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
+    """
+
+    def surrogate(self, name, alpha, u, D):
+        return torch.softmax(alpha / self.temperature, -1)
+
+
+class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by the straight-through Gumbel-softmax estimator ([1] Sec. 2.2;
+    [2] eq. (6)):
+
+    .. math::
+        D = \\mathrm{onehot}(\\arg\\max(\\alpha + G)),\\qquad
+        \\hat g_\\alpha = \\tfrac1\\lambda\\, J(\\mathrm{softmax}((\\alpha + G)/\\lambda))\\, g_D,
+
+    with the Gumbel noise :math:`G` of the sample itself (the site's value is
+    ``D + y - sg(y)``, :math:`y = \\mathrm{softmax}((\\alpha + G)/\\lambda)`).
+    Biased; one evaluation of the integrand per step.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  GumbelSoftmaxST_ELBO(temperature=0.5))
+
+    :param float temperature: :math:`\\lambda > 0` (default 1).
+    """ + _COMMON_PARAMS + """
+    [1] Eric Jang, Shixiang Gu, Ben Poole, "Categorical Reparameterization
+        with Gumbel-Softmax", ICLR 2017.
+    [2] Max B. Paulus, Chris J. Maddison, Andreas Krause, "Rao-Blackwellizing
+        the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
+    """
+
+    def surrogate(self, name, alpha, u, D):
+        return torch.softmax((alpha + gumbel(u)) / self.temperature, -1)
+
+
+class GumbelRao_ELBO(_StraightThroughELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by Gumbel-Rao, the Rao-Blackwellised straight-through
+    Gumbel-softmax estimator [1] (eqs. (7), (9), (10)):
+
+    .. math::
+        \\hat g_\\alpha = \\frac1K\\sum_{k=1}^K \\frac1\\lambda\\,
+        J\\big(\\mathrm{softmax}(\\tilde z^{(k)}/\\lambda)\\big)\\, g_D,\\qquad
+        \\tilde z^{(k)} \\sim (\\alpha + G \\mid \\arg\\max(\\alpha + G) = D),
+
+    the derivative taken with the noise :math:`\\tilde z^{(k)} - \\alpha` held
+    fixed (``ESTIMATORS.md`` 11.2: the only reading whose mean equals ST-GS's,
+    as the public implementations do). :math:`\\tilde z^{(1)} = \\alpha + G` is
+    the sample's own perturbed logits (a draw from the conditional) and
+    :math:`\\tilde z^{(2..K)}` are fresh conditional draws, so ``num_samples=1``
+    is exactly :class:`GumbelSoftmaxST_ELBO` for the same noise and
+    :math:`\\mathbb E[\\mathrm{GR}] = \\mathbb E[\\mathrm{ST\\text{-}GS}]` for every :math:`K`,
+    with lower variance. Biased; one evaluation of the integrand per step
+    and :math:`K` softmaxes per site element.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  GumbelRao_ELBO(temperature=0.5, num_samples=10))
+
+    :param float temperature: :math:`\\lambda > 0` (default 1).
+    :param int num_samples: :math:`K \\ge 1` conditional Gumbel draws (default 10).
+    """ + _COMMON_PARAMS + """
+    [1] Max B. Paulus, Chris J. Maddison, Andreas Krause, "Rao-Blackwellizing
+        the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
+    """
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=1.0, num_samples=10,
+                 vectorize=True, **kwargs):
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"GumbelRao_ELBO needs num_samples >= 1, got {num_samples}.")
+        self.num_samples = int(num_samples)
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         temperature=temperature, vectorize=vectorize, **kwargs)
+
+    def surrogate(self, name, alpha, u, D):
+        z = (alpha.detach() + gumbel(u)).unsqueeze(0)
+        if self.num_samples > 1:
+            v = self._uniforms(name, self.num_samples - 1, alpha)
+            z = torch.cat([z, conditional_gumbel(alpha, D, v)], 0)
+        return gumbel_rao_surrogate(alpha, z, self.temperature)
+
+
+class ReinMax_ELBO(_StraightThroughELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by ReinMax [1] (Algorithm 2; formula as in the authors' code,
+    ``microsoft/ReinMax``), a second-order (Heun's method) approximation of
+    the gradient:
+
+    .. math::
+        \\hat g_\\alpha = 2\\,J(\\pi_{1/2})\\, g_D - \\tfrac12\\, J(\\pi)\\, g_D,\\qquad
+        \\pi_{1/2} = \\tfrac12\\big(\\mathrm{softmax}(\\alpha/\\tau) + D\\big),\\quad
+        \\pi = \\mathrm{softmax}(\\alpha),
+
+    with :math:`D \\sim \\mathrm{Cat}(\\pi)` (sampled at temperature 1). Built as
+    :math:`\\pi_1 = \\mathrm{softmax}(\\mathrm{sg}(\\log\\pi_{1/2} - \\alpha) + \\alpha)`,
+    :math:`s = 2\\pi_1 - \\tfrac12\\pi`, value ``D + s - sg(s)``. Biased, but
+    exact for :math:`f` quadratic in :math:`D` at :math:`\\tau = 1` in the
+    spec's verification; as :math:`\\tau \\to \\infty`,
+    :math:`\\mathrm{softmax}(\\alpha/\\tau) \\to` uniform. The authors' code
+    refuses :math:`\\tau < 1`; so does this class.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), ReinMax_ELBO())
+
+    :param float temperature: :math:`\\tau \\ge 1` (default 1).
+    """ + _COMMON_PARAMS + """
+    [1] Liyuan Liu, Chengyu Dong, Xiaodong Liu, Bin Yu, Jianfeng Gao,
+        "Bridging Discrete and Backpropagation: Straight-Through and Beyond",
+        NeurIPS 2023.
+    """
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=1.0, vectorize=True, **kwargs):
+        if not temperature >= 1:
+            raise ValueError(
+                f"ReinMax_ELBO needs temperature >= 1 (as the authors' code), got "
+                f"{temperature}."
+            )
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         temperature=temperature, vectorize=vectorize, **kwargs)
+
+    def surrogate(self, name, alpha, u, D):
+        return reinmax_surrogate(alpha, D, self.temperature)
+
+
+class ReinMaxRao_ELBO(_StraightThroughELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by ReinMax-Rao [1] (*provisional*: formula of ``ESTIMATORS.md``
+    section 7, as in the authors' development code ``danielwang0452/ReinMax_ASC``,
+    method ``reinmax_v3`` with ``rao_gumbel_v3``; the paper text was not
+    available). ReinMax's Jacobian at :math:`\\pi_{1/2}` is replaced by a
+    Gumbel-Rao average at :math:`\\theta_D = \\log\\tfrac12(\\pi + D)`:
+
+    .. math::
+        \\hat g_\\alpha = 2\\,\\bar J_{\\rm GR}(\\theta_D;\\tau)\\, g_D - \\tfrac12 J(\\pi)\\, g_D,
+        \\qquad
+        \\bar J_{\\rm GR}(\\theta_D;\\tau) = \\frac1K\\sum_{k=1}^K\\frac1\\tau
+        J\\big(\\mathrm{softmax}(\\tilde z^{(k)}/\\tau)\\big),
+
+    :math:`\\tilde z^{(k)} \\sim (\\theta_D + G \\mid \\arg\\max(\\theta_D + G) = D)`
+    fresh conditional Gumbel draws, :math:`D \\sim \\mathrm{Cat}(\\pi)`,
+    :math:`\\pi = \\mathrm{softmax}(\\alpha)`. Biased; one evaluation of the
+    integrand per step, :math:`K` softmaxes per site element.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  ReinMaxRao_ELBO(temperature=1.0, num_samples=10))
+
+    :param float temperature: :math:`\\tau > 0` of the Gumbel-Rao Jacobian (default 1).
+    :param int num_samples: :math:`K \\ge 1` conditional Gumbel draws (default 10).
+    """ + _COMMON_PARAMS + """
+    [1] Daniel Wang, Thang D. Bui, arXiv:2603.08257, 2026 (methods
+        "ReinMax-Rao" and "ReinMax-CV"; equation numbers not confirmed).
+    """
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=1.0, num_samples=10,
+                 vectorize=True, **kwargs):
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs num_samples >= 1, got {num_samples}."
+            )
+        self.num_samples = int(num_samples)
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         temperature=temperature, vectorize=vectorize, **kwargs)
+
+    def _gr_term(self, name, alpha, D, extra=0):
+        """``gumbel_rao_surrogate`` at theta_D with K conditional draws (and
+        the uniforms of ``extra`` further draws, returned unused)."""
+        v = self._uniforms(name, self.num_samples + extra, alpha)
+        tD = theta_D(alpha, D)
+        z = conditional_gumbel(tD, D, v[: self.num_samples])
+        return tD, gumbel_rao_surrogate(alpha, z, self.temperature), v[self.num_samples:]
+
+    def surrogate(self, name, alpha, u, D):
+        _, gr, _ = self._gr_term(name, alpha, D)
+        return 2 * gr - 0.5 * torch.softmax(alpha, -1)
+
+
+class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
+    """
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    estimated by ReinMax-CV [1] (*provisional*: formula of ``ESTIMATORS.md``
+    section 7; see the notes below): ReinMax at temperature 1 plus
+    :math:`\\eta` times the difference of a Gumbel-Rao and a Gumbel-softmax
+    Jacobian at :math:`\\theta_D = \\log\\tfrac12(\\pi + D)`:
+
+    .. math::
+        \\hat g_\\alpha = \\hat g_{\\rm ReinMax}(\\tau{=}1)
+        + \\eta\\Big(\\bar J_{\\rm GR}(\\theta_D;\\tau)
+        - \\tfrac1\\tau J\\big(\\mathrm{softmax}((\\theta_D + G')/\\tau)\\big)\\Big) g_D,
+
+    :math:`\\bar J_{\\rm GR}` as in :class:`ReinMaxRao_ELBO` (:math:`K` conditional
+    draws), :math:`G'` a fresh unconditional Gumbel vector. Biased; one
+    evaluation of the integrand per step, :math:`K + 1` softmaxes per site
+    element.
+
+    Notes: the authors' development code (``danielwang0452/ReinMax_ASC``,
+    ``reinmax_cv``) evaluates the Gumbel-softmax term at
+    :math:`\\theta_D + S` where :math:`S` is the soft Gumbel-softmax sample of
+    the forward pass (a probability vector, not a Gumbel vector) and without
+    dividing by :math:`\\tau` inside the softmax; its defaults are
+    :math:`\\eta = 1`, :math:`\\tau = 1` (``run_reinmax_cv.py``). This class
+    follows the spec's formula (they agree at :math:`\\tau = 1` except for
+    the noise of the Gumbel-softmax term).
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  ReinMaxCV_ELBO(eta=1.0, num_samples=10))
+
+    :param float temperature: :math:`\\tau > 0` of the Gumbel-Rao and
+        Gumbel-softmax Jacobians (default 1); ReinMax's own is 1.
+    :param float eta: the control-variate coefficient :math:`\\eta` (default 1).
+    :param int num_samples: :math:`K \\ge 1` conditional Gumbel draws (default 10).
+    """ + _COMMON_PARAMS + """
+    [1] Daniel Wang, Thang D. Bui, arXiv:2603.08257, 2026 (methods
+        "ReinMax-Rao" and "ReinMax-CV"; equation numbers not confirmed).
+    """
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=1.0, eta=1.0, num_samples=10,
+                 vectorize=True, **kwargs):
+        self.eta = float(eta)
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         temperature=temperature, num_samples=num_samples,
+                         vectorize=vectorize, **kwargs)
+
+    def surrogate(self, name, alpha, u, D):
+        # the extra noise: K conditional draws, then one unconditional Gumbel
+        tD, gr, w = self._gr_term(name, alpha, D, extra=1)
+        gs = held_softmax(alpha, tD + gumbel(w[0]), self.temperature)
+        return reinmax_surrogate(alpha, D, 1.0) + self.eta * (gr - gs)
