@@ -272,16 +272,22 @@ def _check_guide_site(site, estimator_name, supports):
     base = _base_dist(fn)
     if not isinstance(base, supports):
         handled = ", ".join(t.__name__ for t in supports)
-        hint = ""
-        if isinstance(base, (Categorical, OneHotCategorical)):
-            hint = (
-                " Categorical sites are handled by score-function estimators such "
-                "as pyro.infer.TraceGraph_ELBO; "
+        if isinstance(base, OneHotCategorical):
+            way_out = (
+                "RLOO_ELBO and VIMCO (unbiased) and the straight-through family "
+                "(ST_ELBO, ReinMax_ELBO, ...) handle OneHotCategorical sites"
             )
+        elif isinstance(base, Categorical):
+            way_out = (
+                "RLOO_ELBO and VIMCO handle Categorical sites; the straight-through "
+                "family needs OneHotCategorical sites"
+            )
+        else:
+            way_out = "pyro.infer.TraceGraph_ELBO handles any discrete site"
         raise NotImplementedError(
             f"Guide site '{name}' has a {type(base).__name__} distribution, which "
-            f"{estimator_name} does not handle (it handles {handled})." + hint
-            + " Use pyro.infer.TraceGraph_ELBO for this guide, or change the site."
+            f"{estimator_name} does not handle (it handles {handled}). {way_out}; "
+            "use one of those for this guide, or change the site."
         )
 
 
