@@ -1,0 +1,537 @@
+"""
+Gradient diagnostics on a user's own model: measure several ELBO estimators
+side by side (:func:`compare_estimators`) and, on small models, against the
+exact gradient (:func:`exact_elbo`, by enumeration of the guide's discrete
+sites).
+
+Every gradient here is the gradient of the **loss** (the negative ELBO or
+negative bound) with respect to the unconstrained parameters in Pyro's param
+store, which is what :class:`pyro.infer.SVI` hands to the optimizer.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
+
+import pyro
+import pyro.poutine as poutine
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+
+__all__ = ["Comparison", "EstimatorReport", "compare_estimators", "exact_elbo"]
+
+#: the largest number of joint discrete configurations :func:`exact_elbo` enumerates
+MAX_CONFIGURATIONS = 2**16
+
+
+# ---------------------------------------------------------------------------
+# the result table (shared layout with numpyro_binary_grads.diagnostics)
+# ---------------------------------------------------------------------------
+
+
+class EstimatorReport:
+    """
+    The measurements of one estimator (one row of a :class:`Comparison`).
+
+    :ivar str name: the estimator's label.
+    :ivar int num_samples: gradient draws measured.
+    :ivar float executions: Python calls of model plus guide per step.
+    :ivar float evaluations: evaluations of the ELBO integrand per step, as
+        the estimator reports them (``plan.num_evaluations`` times
+        ``num_particles`` for this package's classes, ``num_particles`` for
+        the framework's ELBOs).
+    :ivar float ms_per_step: wall-clock milliseconds per gradient draw.
+    :ivar dict mean: ``{param: mean gradient array}``.
+    :ivar dict var: ``{param: gradient variance array}`` (unbiased, ``ddof=1``).
+    :ivar dict exact: ``{param: exact gradient array}`` or ``None``.
+    """
+
+    def __init__(self, name, num_samples, executions, evaluations, ms_per_step, mean, var,
+                 exact=None):
+        self.name, self.num_samples = name, num_samples
+        self.executions, self.evaluations, self.ms_per_step = executions, evaluations, ms_per_step
+        self.mean, self.var, self.exact = mean, var, exact
+
+    # -- summaries --------------------------------------------------------
+
+    @property
+    def group_variance(self):
+        """``{param: summed variance of its elements}`` (one group per param name)."""
+        return {k: float(v.sum()) for k, v in self.var.items()}
+
+    @property
+    def total_variance(self):
+        """The summed variance of every gradient coordinate (the trace of the covariance)."""
+        return float(sum(self.group_variance.values()))
+
+    def _flat(self, d):
+        return np.concatenate([np.ravel(d[k]) for k in self.var]) if self.var else np.zeros(0)
+
+    @property
+    def snr(self):
+        """The median over coordinates of ``|mean| / std`` (coordinates with zero
+        variance left out)."""
+        m, v = np.abs(self._flat(self.mean)), self._flat(self.var)
+        keep = v > 0
+        return float(np.median(m[keep] / np.sqrt(v[keep]))) if keep.any() else float("nan")
+
+    @property
+    def bias(self):
+        """``{param: mean - exact}``, or ``None`` without ``exact=True``."""
+        if self.exact is None:
+            return None
+        return {k: self.mean[k] - self.exact[k] for k in self.mean}
+
+    @property
+    def z(self):
+        """``{param: (mean - exact) / se}``, the bias in standard errors
+        (``se = sqrt(var / num_samples)``; 0 where both bias and se are 0)."""
+        if self.exact is None:
+            return None
+        out = {}
+        for k in self.mean:
+            se = np.sqrt(self.var[k] / self.num_samples)
+            b = self.mean[k] - self.exact[k]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(se > 0, b / np.where(se > 0, se, 1.0), np.where(b == 0, 0.0, np.inf))
+            out[k] = z
+        return out
+
+    @property
+    def max_abs_z(self):
+        """The largest ``|z|`` over coordinates (about 3 to 4 for an unbiased
+        estimator with a few dozen coordinates)."""
+        if self.exact is None:
+            return None
+        z = self._flat(self.z)
+        return float(np.max(np.abs(z))) if z.size else 0.0
+
+    @property
+    def rms_z(self):
+        """The root mean square of ``z`` over coordinates (about 1 when unbiased)."""
+        if self.exact is None:
+            return None
+        z = self._flat(self.z)
+        return float(np.sqrt(np.mean(z**2))) if z.size else 0.0
+
+    @property
+    def relative_bias(self):
+        """``||mean - exact|| / ||exact||`` over all coordinates."""
+        if self.exact is None:
+            return None
+        b, e = self._flat(self.bias), self._flat(self.exact)
+        return float(np.linalg.norm(b) / max(np.linalg.norm(e), 1e-300))
+
+    def to_dict(self):
+        """Plain Python numbers and lists (JSON-serialisable)."""
+        out = {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "executions_per_step": self.executions,
+            "evaluations_per_step": self.evaluations,
+            "ms_per_step": self.ms_per_step,
+            "total_variance": self.total_variance,
+            "snr": self.snr,
+            "params": {
+                k: {
+                    "mean": np.asarray(self.mean[k]).tolist(),
+                    "var": np.asarray(self.var[k]).tolist(),
+                    "variance": self.group_variance[k],
+                }
+                for k in self.var
+            },
+        }
+        if self.exact is not None:
+            out.update(max_abs_z=self.max_abs_z, rms_z=self.rms_z,
+                       relative_bias=self.relative_bias)
+            for k in self.var:
+                out["params"][k].update(exact=np.asarray(self.exact[k]).tolist(),
+                                        bias=np.asarray(self.bias[k]).tolist(),
+                                        z=np.asarray(self.z[k]).tolist())
+        return out
+
+
+class Comparison:
+    """
+    The result of :func:`compare_estimators`: one :class:`EstimatorReport`
+    per estimator (``comparison.rows``, or ``comparison["DisARM_ELBO"]``).
+    ``print(comparison)`` shows one aligned row per estimator and one
+    variance column per parameter group; :meth:`to_dict` gives plain data.
+    """
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __getitem__(self, name):
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def to_dict(self):
+        """``{estimator name: EstimatorReport.to_dict()}``."""
+        return {row.name: row.to_dict() for row in self.rows}
+
+    def columns(self):
+        """The table as ``(header, rows of strings)``."""
+        groups = list(self.rows[0].var) if self.rows else []
+        exact = any(r.exact is not None for r in self.rows)
+        header = ["estimator", "exec/step", "evals/step", "ms/step", "total var", "SNR"]
+        header += [f"var[{g}]" for g in groups]
+        if exact:
+            header += ["rel bias", "max|z|", "rms z"]
+        body = []
+        for r in self.rows:
+            line = [r.name, f"{r.executions:g}", f"{r.evaluations:g}", f"{r.ms_per_step:.2f}",
+                    f"{r.total_variance:.4g}", f"{r.snr:.3g}"]
+            line += [f"{r.group_variance.get(g, float('nan')):.4g}" for g in groups]
+            if exact:
+                line += ["-", "-", "-"] if r.exact is None else [
+                    f"{r.relative_bias:.3g}", f"{r.max_abs_z:.3g}", f"{r.rms_z:.3g}"]
+            body.append(line)
+        return header, body
+
+    def __str__(self):
+        header, body = self.columns()
+        widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+
+        def fmt(row):
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths)))
+
+        lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+        n = {r.num_samples for r in self.rows}
+        lines.append(f"({', '.join(map(str, sorted(n)))} gradient draws per estimator; "
+                     "gradients of the loss w.r.t. unconstrained params)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def estimator_name(elbo):
+    """A label for an ELBO instance: its class name plus its sample-size arguments."""
+    name = type(elbo).__name__
+    extra = [f"{k}={getattr(elbo, k)}" for k in ("num_samples", "num_pairs")
+             if hasattr(elbo, k)]
+    if getattr(elbo, "num_particles", 1) != 1:
+        extra.append(f"num_particles={elbo.num_particles}")
+    return f"{name}({', '.join(extra)})" if extra else name
+
+
+def named_estimators(estimators):
+    """``[(label, elbo)]`` from a list of ELBOs or a ``{label: elbo}`` dict;
+    repeated labels get a ``#2``, ``#3`` suffix."""
+    items = list(estimators.items()) if isinstance(estimators, dict) else [
+        (estimator_name(e), e) for e in estimators]
+    seen, out = {}, []
+    for name, e in items:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", e))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# exact ELBO by enumeration
+# ---------------------------------------------------------------------------
+
+
+def _base(fn):
+    while isinstance(fn, (Independent, MaskedDistribution, ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _log_q(fn, value):
+    """The unscaled, unmasked guide log-prob of a discrete value, summed over
+    the event dims (masks remove terms from ``f``, they do not change ``q``)."""
+    base = _base(fn)
+    if isinstance(base, Bernoulli):
+        lp = value * base.logits - torch.nn.functional.softplus(base.logits)
+    elif isinstance(base, OneHotCategorical):
+        lp = (value * torch.log_softmax(base.logits, -1)).sum(-1)
+    else:
+        logp = torch.log_softmax(base.logits, -1)
+        value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
+        lp = logp.gather(-1, value[..., :1]).squeeze(-1)
+    event = fn.event_dim - (1 if isinstance(base, OneHotCategorical) else 0)
+    return lp.sum(tuple(range(-event, 0))) if event else lp
+
+
+def _log_f(site):
+    """A site's term of the ELBO integrand: scaled, masked log-prob (discrete
+    ones from the logits, as the estimators compute them)."""
+    fn, value = site["fn"], site["value"]
+    if isinstance(_base(fn), (Bernoulli, Categorical)):
+        from .sites import discrete_log_prob
+        lp = discrete_log_prob(fn, value)
+    else:
+        lp = fn.log_prob(value)
+    if site["mask"] is not None:
+        lp = torch.where(site["mask"], lp, torch.zeros_like(lp))
+    return lp * site["scale"] if site["scale"] is not None else lp
+
+
+def _is_sample(site):
+    return site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+
+
+class _SetValues(Messenger):
+    """Gives the enumerated guide sites their values for every configuration."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+
+
+def _grid(sites):
+    """Every joint configuration of the guide's discrete sites (mixed radix,
+    the first site varying fastest): ``{name: array (C, *value shape)}``."""
+    sizes = [int(np.prod(shape[:-1] if kind == "onehot" else shape, dtype=np.int64))
+             for name, kind, shape, K in sites]
+    C = math.prod(K**n for (name, kind, shape, K), n in zip(sites, sizes))
+    if C > MAX_CONFIGURATIONS:
+        raise ValueError(
+            f"exact=True would enumerate {C} joint configurations of the guide's "
+            f"discrete sites {[s[0] for s in sites]} (limit {MAX_CONFIGURATIONS}); "
+            "use exact=False, or a smaller model (fewer or smaller discrete sites)."
+        )
+    c, stride, values = np.arange(C), 1, {}
+    for (name, kind, shape, K), n in zip(sites, sizes):
+        d = np.zeros((C, n), dtype=np.int64)
+        for j in range(n):
+            d[:, j] = (c // stride) % K
+            stride *= K
+        values[name] = np.eye(K)[d].reshape((C,) + shape) if kind == "onehot" else d.reshape(
+            (C,) + shape)
+    return C, values
+
+
+def exact_elbo(model, guide, *args, **kwargs):
+    """
+    The exact ELBO :math:`\\sum_c q(c)\\, f(c)` of a small model whose guide
+    has only discrete latent sites (``Bernoulli``, ``Categorical``,
+    ``OneHotCategorical``; possibly ``.to_event``, inside plates, depending on
+    earlier sites), by enumeration of every joint configuration :math:`c` of
+    those sites, with :math:`f = \\log p(x, c) - \\log q(c)` (scales and masks
+    as in ``Trace_ELBO``) and :math:`q(c)` the product of the sites'
+    unscaled probabilities. Differentiable w.r.t. the param store
+    (``torch.autograd``). All configurations run in one vectorized pass over a
+    dim left of the user's plates, so model and guide must broadcast over it
+    (as this package's ELBOs require anyway).
+
+    :raises ValueError: a continuous latent guide site, or more than
+        :data:`MAX_CONFIGURATIONS` configurations.
+    """
+    with poutine.block(), torch.no_grad():
+        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
+    P = 0
+    for tr in (gtr, mtr):
+        for site in tr.nodes.values():
+            if _is_sample(site):
+                P = max([P] + [-f.dim for f in site["cond_indep_stack"] if f.dim is not None])
+                P = max(P, len(site["fn"].batch_shape))
+    sites = []
+    for name, site in gtr.nodes.items():
+        if not _is_sample(site) or site["is_observed"]:
+            continue
+        base = _base(site["fn"])
+        if not isinstance(base, (Bernoulli, Categorical)) or getattr(site["fn"], "has_rsample",
+                                                                     False):
+            raise ValueError(
+                f"exact=True enumerates the guide's discrete sites, but guide site '{name}' "
+                f"is a {type(site['fn']).__name__}, not a Bernoulli, Categorical or "
+                "OneHotCategorical site; continuous latent sites cannot be enumerated. "
+                "Use exact=False (no bias column), or compare on a model whose guide is "
+                "discrete."
+            )
+        kind = ("bernoulli" if isinstance(base, Bernoulli) else
+                "onehot" if isinstance(base, OneHotCategorical) else "categorical")
+        K = 2 if kind == "bernoulli" else base.logits.shape[-1]
+        sites.append((name, kind, tuple(site["value"].shape), K))
+    for name, site in mtr.nodes.items():
+        if _is_sample(site) and not site["is_observed"] and name not in gtr.nodes:
+            raise ValueError(f"Model site '{name}' is latent but not in the guide.")
+    C, grid = _grid(sites)
+    dtype = torch.get_default_dtype()
+    values = {}
+    for name, kind, shape, K in sites:
+        event = 1 if kind == "onehot" else 0
+        pad = (1,) * (P - (len(shape) - event))
+        v = torch.as_tensor(grid[name]).reshape((C,) + pad + shape)
+        values[name] = v.long() if kind == "categorical" else v.to(dtype)
+
+    def per_config(lp):
+        lp = lp.reshape((1,) * (P + 1 - lp.dim()) + tuple(lp.shape)) if lp.dim() <= P else lp
+        return lp.reshape(lp.shape[0], -1).sum(-1)
+
+    with _SetValues(values):
+        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
+    f, log_q = 0.0, 0.0
+    for site in mtr.nodes.values():
+        if _is_sample(site):
+            f = f + per_config(_log_f(site))
+    for name, site in gtr.nodes.items():
+        if _is_sample(site) and not site["is_observed"]:
+            f = f - per_config(_log_f(site))
+            log_q = log_q + per_config(_log_q(site["fn"], site["value"]))
+    return (torch.exp(log_q) * f).sum()
+
+
+# ---------------------------------------------------------------------------
+# compare_estimators
+# ---------------------------------------------------------------------------
+
+
+class _Counted:
+    """A model or guide that counts its Python calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _params(model, guide, args, kwargs):
+    """Create every param of model and guide; ``{name: unconstrained tensor}``."""
+    with poutine.trace(param_only=True) as tr, torch.no_grad():
+        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+        poutine.replay(model, trace=gtr)(*args, **kwargs)
+    store = pyro.get_param_store()
+    return {name: store[name].unconstrained() for name in tr.trace.nodes}
+
+
+def evaluations_per_step(elbo):
+    """The integrand evaluations one ``loss_and_grads`` call of ``elbo`` costs:
+    ``plan.num_evaluations * num_particles`` for this package's ELBOs (after
+    their first step), ``num_particles`` for other ELBOs."""
+    plan = getattr(elbo, "_plan", None)
+    per_draw = plan.num_evaluations if plan is not None else 1
+    return per_draw * getattr(elbo, "num_particles", 1)
+
+
+def gradient_draws(elbo, model, guide, args, kwargs, params, num_samples):
+    """
+    ``num_samples`` single-step gradients of ``elbo``'s loss w.r.t. ``params``
+    (``{name: unconstrained tensor}``), each from one ``elbo.loss_and_grads``
+    call: ``({name: array (num_samples, *shape)}, seconds)``.
+    """
+    names = list(params)
+    out = {k: np.empty((num_samples,) + tuple(p.shape)) for k, p in params.items()}
+    start = time.perf_counter()
+    for i in range(num_samples):
+        for p in params.values():
+            p.grad = None
+        elbo.loss_and_grads(model, guide, *args, **kwargs)
+        for k in names:
+            g = params[k].grad
+            out[k][i] = 0.0 if g is None else g.detach().cpu().numpy()
+    seconds = time.perf_counter() - start
+    for p in params.values():
+        p.grad = None
+    return out, seconds
+
+
+def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=False,
+                       seed=None, **kwargs):
+    """
+    Measure gradient estimators on your own model, at the current parameter
+    values of Pyro's param store (params not yet there are created by a first
+    run of guide and model).
+
+    For each estimator (an ELBO instance: one of this package's classes, or
+    Pyro's own, e.g. ``TraceGraph_ELBO()``), draws ``num_samples``
+    single-step gradients of its loss w.r.t. every unconstrained parameter
+    (one ``elbo.loss_and_grads`` call each; after one warm-up step that is
+    neither timed nor counted) and reports:
+
+    * the mean and variance of the gradient per parameter, the total variance
+      (summed over coordinates), the variance per parameter group (one group
+      per param name) and the signal-to-noise ratio ``|mean| / std``
+      (median over coordinates);
+    * the cost per step: *executions*, the Python calls of model plus guide
+      (a vectorized call counts once), *evaluations*, the evaluations of the
+      ELBO integrand the estimator uses (``1 + T`` for DisARM with ``T``
+      discrete sites, ``K`` for RLOO/VIMCO, times ``num_particles``), and
+      wall-clock milliseconds;
+    * with ``exact=True``, the exact gradient (:func:`exact_elbo`, by
+      enumeration; the guide must have only discrete latent sites), the bias
+      ``mean - exact`` per parameter and its z-scores
+      ``bias / sqrt(var / num_samples)``, summarised as ``max |z|`` and
+      ``rms z`` (about 1 for an unbiased estimator). Multi-sample bounds
+      (VIMCO, LocalDisARM_IWAE) estimate the gradient of a different
+      objective than the ELBO: their bias column measures that difference.
+
+    Example::
+
+        from pyro.infer import TraceGraph_ELBO
+        from pyro_binary_grads import DisARM_ELBO, RLOO_ELBO, compare_estimators
+
+        table = compare_estimators(model, guide, data, num_samples=500,
+                                   estimators=[DisARM_ELBO(), RLOO_ELBO(num_samples=2),
+                                               TraceGraph_ELBO()])
+        print(table)
+        table["DisARM_ELBO"].group_variance     # {param name: variance}
+
+    :param model: the Pyro model.
+    :param guide: the Pyro guide.
+    :param args: arguments of model and guide.
+    :param estimators: a list of ELBO instances, or a dict ``{label: ELBO}``.
+    :param int num_samples: gradient draws per estimator.
+    :param bool exact: also compute the bias against the exact gradient.
+    :param int seed: if given, ``pyro.set_rng_seed(seed)`` right before each
+        estimator's draws (after its warm-up step), so the draws are
+        reproducible (and the same across calls).
+    :param kwargs: keyword arguments of model and guide (so ``estimators``,
+        ``num_samples``, ``exact`` and ``seed`` cannot be passed through: wrap
+        the model if it needs them).
+    :returns: a :class:`Comparison`.
+    """
+    if num_samples < 2:
+        raise ValueError(f"compare_estimators needs num_samples >= 2, got {num_samples}.")
+    items = named_estimators(estimators)
+    if not items:
+        raise ValueError("compare_estimators needs at least one estimator.")
+    params = _params(model, guide, args, kwargs)
+    exact_grads = None
+    if exact:
+        loss = -exact_elbo(model, guide, *args, **kwargs)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        exact_grads = {k: (np.zeros(tuple(p.shape)) if g is None else g.detach().cpu().numpy())
+                       for (k, p), g in zip(params.items(), grads)}
+    rows = []
+    for name, elbo in items:
+        counted_model, counted_guide = _Counted(model), _Counted(guide)
+        gradient_draws(elbo, counted_model, counted_guide, args, kwargs, params, 1)  # warm-up
+        counted_model.calls = counted_guide.calls = 0
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        draws, seconds = gradient_draws(elbo, counted_model, counted_guide, args, kwargs,
+                                        params, num_samples)
+        rows.append(EstimatorReport(
+            name, num_samples,
+            executions=(counted_model.calls + counted_guide.calls) / num_samples,
+            evaluations=evaluations_per_step(elbo),
+            ms_per_step=1e3 * seconds / num_samples,
+            mean={k: d.mean(0) for k, d in draws.items()},
+            var={k: d.var(0, ddof=1) for k, d in draws.items()},
+            exact=exact_grads,
+        ))
+    return Comparison(rows)
