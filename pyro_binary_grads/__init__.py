@@ -16,6 +16,7 @@ from .categorical import (
     ReinMaxRao_ELBO,
     ST_ELBO,
 )
+from .diagnostics import compare_estimators
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
 
@@ -34,5 +35,6 @@ __all__ = [
     "ReinMax_ELBO",
     "ST_ELBO",
     "VIMCO",
+    "compare_estimators",
     "iwae_bound",
 ]
