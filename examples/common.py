@@ -1,0 +1,569 @@
+"""
+Helpers shared by the examples (``sbn.py``, ``structured_prediction.py``,
+``categorical_vae.py``, ``gradient_variance.py``) and ``benchmarks/reproduce.py``:
+
+* :func:`limit_threads` (call before importing torch / jax: one intra-op thread),
+* a tiny backend layer (:func:`get_backend`) so that one model / guide
+  definition runs under Pyro and NumPyro: ``bk.sample``, ``bk.param``,
+  ``bk.plate(x, idx, num_data)``, ``bk.dist``, ``bk.ops`` (activations,
+  stop-gradient),
+* numpy parameter initialisation (:func:`linear_init`: ``nn.Linear``'s
+  uniform(+-1/sqrt(fan_in))), identical for both backends,
+* the estimator registry (:func:`make_elbo`: ``--estimator`` name -> class of
+  the chosen backend, with a clear error when the backend lacks it),
+* trainers (:class:`PyroTrainer`, :class:`NumPyroTrainer`: one optimizer step
+  per call, optional second optimizer for a parameter group),
+* the test bound (:func:`make_bound`: the K-sample importance-weighted bound per
+  example, chunked over data and samples; ``iwae_bound`` of the backend's
+  package when it has one),
+* the training loop with tqdm (:func:`train`), the plot (:func:`save_plot`) and
+  the final JSON line (:func:`finish`).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+# An installed package wins; otherwise use the checkout this file is in.
+sys.path.append(str(ROOT))
+
+
+def limit_threads(n=1):
+    """One intra-op thread for torch / XLA / BLAS (call before importing them)."""
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ---------------------------------------------------------------------------
+# estimators
+
+
+#: --estimator name -> (class name, kind); kind: "pair" (one antithetic pair or
+#: 2 samples), "multi" (K-sample bound), "st" (straight-through family), "tg"
+ESTIMATORS = {
+    "disarm": "DisARM_ELBO",
+    "arm": "ARM_ELBO",
+    "rloo": "RLOO_ELBO",
+    "vimco": "VIMCO",
+    "local_disarm": "LocalDisARM_IWAE",
+    "rebar": "REBAR_ELBO",
+    "relax": "RELAX_ELBO",
+    "tracegraph": "TraceGraph_ELBO",
+    "st": "ST_ELBO",
+    "gumbel_st": "GumbelSoftmaxST_ELBO",
+    "gumbel_rao": "GumbelRao_ELBO",
+    "reinmax": "ReinMax_ELBO",
+    "reinmax_rao": "ReinMaxRao_ELBO",
+    "reinmax_cv": "ReinMaxCV_ELBO",
+}
+BINARY_ESTIMATORS = ("disarm", "arm", "rloo", "vimco", "local_disarm", "rebar", "relax", "tracegraph")
+CATEGORICAL_ESTIMATORS = ("st", "gumbel_st", "gumbel_rao", "reinmax", "reinmax_rao", "reinmax_cv",
+                          "rloo", "tracegraph")
+TEMPERATURE_ESTIMATORS = ("st", "gumbel_st", "gumbel_rao", "reinmax", "reinmax_rao", "reinmax_cv")
+
+
+def available_estimators(backend, names):
+    """The names among ``names`` whose class exists in ``backend``'s package."""
+    return [n for n in names if _estimator_class(backend, n) is not None]
+
+
+def _estimator_class(backend, name):
+    cls_name = ESTIMATORS[name]
+    if name == "tracegraph":
+        if backend == "pyro":
+            import pyro.infer
+
+            return pyro.infer.TraceGraph_ELBO
+        import numpyro.infer
+
+        return numpyro.infer.TraceGraph_ELBO
+    mod = __import__("pyro_binary_grads" if backend == "pyro" else "numpyro_binary_grads")
+    return getattr(mod, cls_name, None)
+
+
+def make_elbo(backend, name, *, num_samples=2, temperature=None, eta=None, rao_samples=None,
+              max_plate_nesting=1):
+    """
+    The ELBO object for ``--estimator name`` in ``backend``. ``num_samples``:
+    the evaluations per step for the multi-sample estimators (RLOO and VIMCO use
+    ``num_samples`` independent samples, local DisARM ``num_samples // 2``
+    antithetic pairs: equal cost, as in the DisARM paper).
+    """
+    if name not in ESTIMATORS:
+        raise SystemExit(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}")
+    cls = _estimator_class(backend, name)
+    if cls is None:
+        have = available_estimators(backend, list(ESTIMATORS))
+        raise SystemExit(
+            f"--estimator {name}: {ESTIMATORS[name]} does not exist in the {backend} backend "
+            f"({'pyro_binary_grads' if backend == 'pyro' else 'numpyro_binary_grads'}) of "
+            f"this checkout. Available there: {', '.join(have)}."
+        )
+    kw = {}
+    if backend == "pyro":
+        kw["max_plate_nesting"] = max_plate_nesting
+    if name in ("rloo", "vimco"):
+        kw["num_samples"] = num_samples
+    elif name == "local_disarm":
+        kw["num_pairs"] = max(1, num_samples // 2)
+    if name in TEMPERATURE_ESTIMATORS and temperature is not None and name != "st":
+        kw["temperature"] = temperature
+    if name == "st" and temperature is not None:
+        kw["temperature"] = temperature
+    if name == "reinmax_cv" and eta is not None:
+        kw["eta"] = eta
+    if name in ("gumbel_rao", "reinmax_rao", "reinmax_cv") and rao_samples is not None:
+        kw["num_samples"] = rao_samples
+    return cls(**kw)
+
+
+# ---------------------------------------------------------------------------
+# backends: one model definition for Pyro and NumPyro
+
+
+class _TorchOps:
+    def __init__(self):
+        import torch
+        import torch.nn.functional as F
+
+        self.tanh = torch.tanh
+        self.relu = torch.relu
+        self.leaky_relu = lambda x: F.leaky_relu(x, 0.3)
+        self.sg = lambda x: x.detach()
+        self.zeros = lambda shape: torch.zeros(shape)
+
+    @staticmethod
+    def reshape(x, shape):
+        return x.reshape(shape)
+
+
+class _JaxOps:
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.tanh = jnp.tanh
+        self.relu = jax.nn.relu
+        self.leaky_relu = lambda x: jax.nn.leaky_relu(x, 0.3)
+        self.sg = jax.lax.stop_gradient
+        self.zeros = lambda shape: jnp.zeros(shape)
+
+    @staticmethod
+    def reshape(x, shape):
+        return x.reshape(shape)
+
+
+class PyroBackend:
+    name = "pyro"
+
+    def __init__(self, init_params):
+        import torch
+        import pyro
+        import pyro.distributions as dist
+
+        self.pyro, self.dist, self.torch = pyro, dist, torch
+        self.ops = _TorchOps()
+        pyro.clear_param_store()
+        for k, v in init_params.items():
+            pyro.param(k, torch.as_tensor(np.asarray(v, np.float32)).clone())
+        self.names = list(init_params)
+
+    def params(self):
+        return {k: self.pyro.param(k) for k in self.names}
+
+    def sample(self, name, fn, obs=None):
+        return self.pyro.sample(name, fn, obs=obs)
+
+    def plate(self, idx, num_data):
+        return self.pyro.plate("data", num_data, subsample=idx)
+
+    def asarray(self, x):
+        return self.torch.as_tensor(x)
+
+    def one_hot_categorical(self, logits):
+        from pyro_binary_grads import OneHotCategorical
+
+        return OneHotCategorical(logits=logits)
+
+
+class NumPyroBackend:
+    name = "numpyro"
+
+    def __init__(self, init_params):
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+        from numpyro import handlers
+
+        self.numpyro, self.dist, self.handlers, self.jnp = numpyro, dist, handlers, jnp
+        self.ops = _JaxOps()
+        self.init = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in init_params.items()}
+
+    def params(self):
+        return {k: self.numpyro.param(k, v) for k, v in self.init.items()}
+
+    def sample(self, name, fn, obs=None):
+        return self.numpyro.sample(name, fn, obs=obs)
+
+    def plate(self, idx, num_data):
+        # a plate of the batch size, scaled to the data set (NumPyro's
+        # subsample_size would draw a permutation of num_data rows every step)
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        stack.enter_context(self.handlers.scale(scale=num_data / idx.shape[0]))
+        stack.enter_context(self.numpyro.plate("data", idx.shape[0], dim=-1))
+        return stack
+
+    def asarray(self, x):
+        return self.jnp.asarray(x)
+
+    def one_hot_categorical(self, logits):
+        from numpyro_binary_grads import OneHotCategorical
+
+        return OneHotCategorical(logits=logits)
+
+
+def get_backend(name, init_params):
+    if name == "pyro":
+        return PyroBackend(init_params)
+    if name == "numpyro":
+        return NumPyroBackend(init_params)
+    raise SystemExit(f"--backend must be pyro or numpyro, got {name!r}")
+
+
+# ---------------------------------------------------------------------------
+# parameters (numpy, shared by both backends)
+
+
+def linear_init(rng, fan_in, fan_out, name, params, bias=None):
+    """``nn.Linear``'s init, weight stored (fan_in, fan_out): ``params[name+'_W'/'_b']``."""
+    lim = 1.0 / math.sqrt(fan_in)
+    params[name + "_W"] = rng.uniform(-lim, lim, (fan_in, fan_out)).astype(np.float32)
+    params[name + "_b"] = (
+        rng.uniform(-lim, lim, fan_out).astype(np.float32) if bias is None
+        else np.asarray(bias, np.float32)
+    )
+
+
+def mlp_init(rng, sizes, name, params, out_bias=None):
+    """Layers ``name0, name1, ...`` of an MLP with ``sizes`` (in, h1, ..., out)."""
+    for i in range(len(sizes) - 1):
+        last = i == len(sizes) - 2
+        linear_init(rng, sizes[i], sizes[i + 1], f"{name}{i}", params,
+                    out_bias if last else None)
+
+
+def mlp(P, name, x, n_layers, act):
+    """Apply an MLP initialised by :func:`mlp_init` (``act`` between layers)."""
+    for i in range(n_layers):
+        x = x @ P[f"{name}{i}_W"] + P[f"{name}{i}_b"]
+        if i < n_layers - 1:
+            x = act(x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# trainers
+
+
+class PyroTrainer:
+    """
+    ``step(*args)`` = one ``elbo.loss_and_grads`` and optimizer step; returns the
+    loss (a float). Parameters named in ``second_group`` (e.g. the prior logits,
+    DisARM's SGD at lr 1e-2) get ``second_optim`` instead of ``optim``.
+    """
+
+    def __init__(self, bk, model, guide, elbo, optim="adam", lr=1e-3, betas=(0.9, 0.999),
+                 second_group=(), second_optim=None, second_lr=None):
+        import torch
+
+        self.bk, self.model, self.guide, self.elbo = bk, model, guide, elbo
+        params = {k: bk.pyro.param(k).unconstrained() for k in bk.names}
+        main = [p for k, p in params.items() if k not in second_group]
+        other = [p for k, p in params.items() if k in second_group]
+        self.optims = [_torch_optim(optim, main, lr, betas)]
+        if other:
+            self.optims.append(_torch_optim(second_optim or optim, other, second_lr or lr, betas))
+        self.params = list(params.values())
+
+    def step(self, *args):
+        loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+        for o in self.optims:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def snapshot(self):
+        return {k: v.detach().clone() for k, v in self.bk.params().items()}
+
+
+def _torch_optim(name, params, lr, betas):
+    import torch
+
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(name)
+
+
+def _optax_optim(name, lr, betas):
+    import optax
+
+    if name == "adam":
+        return optax.adam(lr, b1=betas[0], b2=betas[1])
+    if name == "radam":
+        return optax.radam(lr, b1=betas[0], b2=betas[1])
+    if name == "sgd":
+        return optax.sgd(lr)
+    raise ValueError(name)
+
+
+class NumPyroTrainer:
+    """
+    ``numpyro.infer.SVI`` with an optax optimizer (``optax.multi_transform`` when
+    a second parameter group is given), ``svi.update`` under ``jax.jit``;
+    ``step(*args)`` returns the loss (a float).
+    """
+
+    def __init__(self, bk, model, guide, elbo, example_args, seed=0, optim="adam", lr=1e-3,
+                 betas=(0.9, 0.999), second_group=(), second_optim=None, second_lr=None):
+        import jax
+        import optax
+        from numpyro.infer import SVI
+
+        self.bk, self.model, self.guide = bk, model, guide
+        tx = _optax_optim(optim, lr, betas)
+        if second_group:
+            group = set(second_group)
+            tx = optax.multi_transform(
+                {"main": tx, "second": _optax_optim(second_optim or optim, second_lr or lr, betas)},
+                lambda params: {k: ("second" if k in group else "main") for k in params},
+            )
+        self.svi = SVI(model, guide, tx, elbo)
+        self.state = self.svi.init(jax.random.PRNGKey(seed), *example_args)
+        self._update = jax.jit(self.svi.update)
+
+    def step(self, *args):
+        self.state, loss = self._update(self.state, *args)
+        return float(loss)
+
+    def snapshot(self):
+        return self.svi.get_params(self.state)
+
+
+def make_trainer(bk, model, guide, elbo, example_args, seed, **optim_kw):
+    if bk.name == "pyro":
+        return PyroTrainer(bk, model, guide, elbo, **optim_kw)
+    return NumPyroTrainer(bk, model, guide, elbo, example_args, seed=seed, **optim_kw)
+
+
+# ---------------------------------------------------------------------------
+# the K-sample test bound
+
+
+def make_bound(bk, model, guide, make_args, chunk=500, sample_chunk=10):
+    """
+    ``bound(trainer, data_list, K) -> mean over examples`` of the per-example
+    K-sample importance-weighted bound ``log 1/K sum_k p(x, z_k) / q(z_k | x)``
+    (``K = 1``: a one-sample ELBO estimate). ``data_list`` is a tuple of arrays
+    whose first axis is the example; ``make_args(bk, *chunk_arrays)`` turns a
+    chunk into the model's arguments with ``num_data = len(chunk)`` (scale 1).
+    Data chunks of ``chunk`` examples, samples ``sample_chunk`` at a time.
+    """
+    if bk.name == "pyro":
+        return _pyro_bound(bk, model, guide, make_args, chunk, sample_chunk)
+    return _numpyro_bound(bk, model, guide, make_args, chunk, sample_chunk)
+
+
+def _pyro_bound(bk, model, guide, make_args, chunk, sample_chunk):
+    import torch
+    from pyro_binary_grads import iwae_bound
+
+    def bound(trainer, arrays, K):
+        total, n = 0.0, len(arrays[0])
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                args = make_args(bk, *(a[s : s + chunk] for a in arrays))
+                total += iwae_bound(model, guide, *args, num_samples=K,
+                                    chunk_size=min(K, sample_chunk), max_plate_nesting=1)
+        return total / n
+
+    return bound
+
+
+def _numpyro_bound(bk, model, guide, make_args, chunk, sample_chunk):
+    """Per-example log-weights by tracing guide and replaying the model, vmapped
+    over sample keys, combined exactly with a running logsumexp (jitted)."""
+    import jax
+    import jax.numpy as jnp
+    from numpyro import handlers
+
+    def log_weights(params, key, args):
+        g = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace(*args)
+        m = handlers.trace(
+            handlers.replay(handlers.substitute(model, data=params), g)
+        ).get_trace(*args)
+        f = 0.0
+        for tr, sign in ((m, 1.0), (g, -1.0)):
+            for site in tr.values():
+                if site["type"] == "sample":
+                    f = f + sign * site["fn"].log_prob(site["value"])
+        return f  # (N,): every site is inside the data plate
+
+    @jax.jit
+    def chunk_lse(params, keys, args):
+        fs = jax.vmap(lambda k: log_weights(params, k, args))(keys)
+        return jax.nn.logsumexp(fs, 0)
+
+    key_box = [jax.random.PRNGKey(12345)]
+
+    def bound(trainer, arrays, K):
+        params = trainer.snapshot()
+        total, n = 0.0, len(arrays[0])
+        for s in range(0, n, chunk):
+            args = make_args(bk, *(a[s : s + chunk] for a in arrays))
+            acc, done = None, 0
+            while done < K:
+                k = min(sample_chunk, K - done)
+                key_box[0], sub = jax.random.split(key_box[0])
+                lse = chunk_lse(params, jax.random.split(sub, k), args)
+                acc = lse if acc is None else jnp.logaddexp(acc, lse)
+                done += k
+            total += float(jnp.sum(acc - math.log(K)))
+        return total / n
+
+    return bound
+
+
+# ---------------------------------------------------------------------------
+# arguments, training loop, plot, result
+
+
+def add_common_args(p, default_out, estimators, default_estimator):
+    p.add_argument("--backend", choices=("pyro", "numpyro"), default="pyro")
+    p.add_argument("--estimator", choices=estimators, default=default_estimator)
+    p.add_argument("--num-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(default_out))
+    p.add_argument("--num-samples", type=int, default=2,
+                   help="evaluations per step of RLOO / VIMCO (samples) and local DisARM "
+                        "(num_samples // 2 pairs) (default %(default)s: the cost of one "
+                        "antithetic pair)")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-size", type=int, default=1000,
+                   help="test examples (a seeded random subset) of the periodic evaluation")
+    p.add_argument("--eval-samples", type=int, default=100,
+                   help="K of the K-sample test bound (default %(default)s)")
+    p.add_argument("--final-eval-size", type=int, default=None,
+                   help="test examples of the final evaluation (default: the full test set)")
+    p.add_argument("--test-seed", type=int, default=0,
+                   help="seed of the evaluation subset and of its fixed binarization")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    return p
+
+
+def train(args, trainer, batches, step_args, evaluate, desc):
+    """
+    The training loop: ``loss = trainer.step(*step_args(batch))`` for each
+    batch; ``evaluate(step)`` (a float) at step 0, every ``args.eval_every``
+    steps and at the end. Returns ``history`` [(step, -loss)], ``tests``
+    [(step, value)], training seconds (excluding evaluations; includes the
+    first steps' compilation under jit, reported apart as ``first_step_s``).
+    """
+    from tqdm import tqdm
+
+    history, tests = [], [(0, evaluate(0))]
+    train_time, first = 0.0, None
+    running = None
+    bar = tqdm(batches, total=args.num_steps, disable=args.no_progress, file=sys.stderr,
+               desc=desc, mininterval=2.0)
+    for step, batch in enumerate(bar, 1):
+        t = time.perf_counter()
+        loss = trainer.step(*step_args(batch))
+        dt = time.perf_counter() - t
+        if first is None:
+            first = dt
+        else:
+            train_time += dt
+        value = -loss / args.num_data
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss at step {step}: {loss}")
+        history.append((step, value))
+        running = value if running is None else 0.99 * running + 0.01 * value
+        if step % args.eval_every == 0 or step == args.num_steps:
+            tests.append((step, evaluate(step)))
+        if step % 50 == 0 or step == args.num_steps:
+            bar.set_postfix(train=f"{running:.2f}", test=f"{tests[-1][1]:.2f}")
+    bar.close()
+    return history, tests, train_time, first or 0.0
+
+
+def save_plot(path, history, tests, title, test_label, ylabel="nats per example"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h[0] for h in history])
+    values = np.array([h[1] for h in history])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(steps, values, color="0.8", lw=0.5, label="train objective (minibatch)")
+    w = min(200, len(values) // 5)
+    if w > 1:
+        smooth = np.convolve(values, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color="C0", label=f"train objective ({w}-step mean)")
+    if tests:
+        ts = np.array(tests)
+        ax.plot(ts[:, 0], ts[:, 1], "o-", color="C1", label=test_label)
+    tail = values[len(values) // 10 :] if len(values) > 20 else values
+    lo = min(np.percentile(tail, 1), *(t[1] for t in tests[1:])) if len(tests) > 1 else np.percentile(tail, 1)
+    hi = max(values.max(), *(t[1] for t in tests))
+    ax.set_ylim(lo - 0.1 * (hi - lo) - 1, hi + 0.05 * (hi - lo) + 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finish(args, name, result, history, tests):
+    """Write ``<out>/<name>.json`` (with the curves) and print the JSON line."""
+    with open(args.out / f"{name}.json", "w") as fh:
+        json.dump({**result, "history": history, "tests": tests}, fh)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def mean_last(history, frac=0.1, at_least=100):
+    n = max(1, min(len(history), max(at_least, int(len(history) * frac))))
+    return float(np.mean([h[1] for h in history[-n:]]))
+
+
+def eval_subset(n_total, n, seed):
+    """Sorted seeded random subset of ``n`` row indices (all rows if n >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
