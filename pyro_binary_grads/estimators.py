@@ -34,6 +34,15 @@ def antithetic_value(u, alpha):
     return bernoulli_value(1 - u, alpha)
 
 
+def pair_value(u, alpha, flip):
+    """
+    :math:`b` where ``flip`` is false and :math:`\\tilde b` where it is true,
+    from one logit of the noise: :math:`\\mathrm{logit}(1 - u) = -\\mathrm{logit}(u)`.
+    """
+    z = torch.log(u) - torch.log1p(-u)
+    return torch.where(flip, -z < alpha, z < alpha).to(alpha.dtype)
+
+
 def arm(f, f_tilde, u):
     """
     ARM, the augment-REINFORCE-merge estimator (Yin & Zhou, ICLR 2019,

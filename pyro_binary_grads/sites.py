@@ -40,7 +40,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
-from .estimators import antithetic_value, bernoulli_value
+from .estimators import antithetic_value, bernoulli_value, pair_value
 
 EVAL_PLATE = "_bg_evaluations"
 PARTICLE_PLATE = "_bg_particles"
@@ -482,7 +482,7 @@ class NoiseMessenger(Messenger):
                 return (antithetic_value if flip else bernoulli_value)(u, alpha)
             if not plan.flips_any(info.index):
                 return bernoulli_value(u, alpha)
-            return torch.where(flip, antithetic_value(u, alpha), bernoulli_value(u, alpha))
+            return pair_value(u, _compact(alpha), flip)
         return _categorical_value(u, alpha, info.kind == "onehot")
 
     def _replay_upstream(self, msg):
