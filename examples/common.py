@@ -482,6 +482,56 @@ def add_common_args(p, default_out, estimators, default_estimator):
     return p
 
 
+DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz",
+            "binarized_mnist": "binarized_mnist.npz"}
+
+
+def add_sbn_args(p, presets, models):
+    """Arguments shared by sbn.py and structured_prediction.py."""
+    p.add_argument("--preset", choices=tuple(presets), default="none")
+    p.add_argument("--model", choices=models, default="linear1")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=None)
+    p.add_argument("--data", type=Path, default=None,
+                   help="the .npz file (default: shared/data/<dataset>.npz)")
+    p.add_argument("--binarize", choices=("dynamic", "static", "threshold"), default=None,
+                   help="default: dynamic for mnist / fashion_mnist, static for binarized_mnist")
+    p.add_argument("--hidden", type=int, default=200)
+    p.add_argument("--beta2", type=float, default=None)
+    p.add_argument("--prior-optim", choices=("adam", "sgd"), default=None,
+                   help="optimizer of the prior logits (sgd: on the per-example loss)")
+    p.add_argument("--prior-lr", type=float, default=None)
+    p.add_argument("--act", choices=("tanh", "leaky_relu"), default=None)
+    p.add_argument("--pm1", action=argparse.BooleanOptionalAction, default=None,
+                   help="binary variables as {-1, 1} inside the networks")
+
+
+def apply_preset(args, presets):
+    """Fill unset arguments from ``presets[args.preset]``; resolve ``--data``."""
+    from data import DATA_DIR
+
+    preset = presets[args.preset]
+    if args.preset == "rebar" and args.model == "nonlinear" and args.lr is None:
+        args.lr = 1e-4  # the nonlinear grid of REBAR is {3e-5, 1e-4}
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.data is None:
+        args.data = DATA_DIR / DATASETS[args.dataset]
+    if args.binarize is None:
+        args.binarize = "static" if "binarized" in Path(args.data).name else "dynamic"
+    return args
+
+
+def set_seeds(backend, seed):
+    if backend == "pyro":
+        import pyro
+        import torch
+
+        torch.manual_seed(seed)
+        pyro.set_rng_seed(seed)
+        pyro.enable_validation(False)
+
+
 def train(args, trainer, batches, step_args, evaluate, desc):
     """
     The training loop: ``loss = trainer.step(*step_args(batch))`` for each

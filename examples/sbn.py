@@ -47,11 +47,9 @@ import common  # noqa: E402  (sets sys.path; limit_threads before torch / jax)
 
 common.limit_threads()
 
-from data import DATA_DIR, load_mnist, output_bias_init  # noqa: E402
+from data import load_mnist, output_bias_init  # noqa: E402
 
 MODELS = ("linear1", "linear2", "nonlinear")
-DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz",
-            "binarized_mnist": "binarized_mnist.npz"}
 
 PRESETS = {
     "none": dict(dataset="mnist", batch_size=50, lr=1e-3, beta2=0.999, num_steps=2000,
@@ -68,33 +66,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     common.add_common_args(p, "out/sbn", list(common.BINARY_ESTIMATORS), "disarm")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="none")
-    p.add_argument("--model", choices=MODELS, default="linear1")
-    p.add_argument("--dataset", choices=tuple(DATASETS), default=None)
-    p.add_argument("--data", type=Path, default=None,
-                   help="the .npz file (default: shared/data/<dataset>.npz)")
-    p.add_argument("--binarize", choices=("dynamic", "static", "threshold"), default=None,
-                   help="default: dynamic for mnist / fashion_mnist, static for binarized_mnist")
-    p.add_argument("--hidden", type=int, default=200)
-    p.add_argument("--beta2", type=float, default=None)
-    p.add_argument("--prior-optim", choices=("adam", "sgd"), default=None)
-    p.add_argument("--prior-lr", type=float, default=None)
-    p.add_argument("--act", choices=("tanh", "leaky_relu"), default=None)
-    p.add_argument("--pm1", action=argparse.BooleanOptionalAction, default=None,
-                   help="binary variables as {-1, 1} inside the networks")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    if args.preset == "rebar" and args.model == "nonlinear" and args.lr is None:
-        args.lr = 1e-4
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.data is None:
-        args.data = DATA_DIR / DATASETS[args.dataset]
-    if args.binarize is None:
-        args.binarize = "static" if "binarized" in Path(args.data).name else "dynamic"
-    args.split = "train"  # first 50000 (binarized_mnist: its 50000 training rows)
-    return args
+    common.add_sbn_args(p, PRESETS, MODELS)
+    return common.apply_preset(p.parse_args(argv), PRESETS)
 
 
 # ---------------------------------------------------------------------------
@@ -161,20 +134,16 @@ def build(args, train):
     bk = common.get_backend(args.backend, init_params(args, train, rng))
     model, guide = make_model_and_guide(bk, args, train.mean().astype(np.float32))
     elbo = common.make_elbo(args.backend, args.estimator, num_samples=args.num_samples)
-    if args.backend == "pyro":
-        import pyro
-        import torch
-
-        torch.manual_seed(args.seed)
-        pyro.set_rng_seed(args.seed)
-        pyro.enable_validation(False)
+    common.set_seeds(args.backend, args.seed)
     x0 = train.binarized(np.arange(args.batch_size), rng)
     example = (bk.asarray(x0), bk.asarray(np.arange(args.batch_size)), float(len(train)))
     trainer = common.make_trainer(
         bk, model, guide, elbo, example, args.seed, optim="adam", lr=args.lr,
         betas=(0.9, args.beta2),
         second_group=("prior_logits",) if args.prior_optim else (),
-        second_optim=args.prior_optim, second_lr=args.prior_lr,
+        # SGD on the per-example loss (the papers'): our loss is summed over the data set
+        second_optim=args.prior_optim,
+        second_lr=args.prior_lr / len(train) if args.prior_optim == "sgd" else args.prior_lr,
     )
     return bk, model, guide, trainer
 
@@ -182,7 +151,7 @@ def build(args, train):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    train_set = load_mnist(args.data, args.binarize, args.split)
+    train_set = load_mnist(args.data, args.binarize, "train")
     test_set = load_mnist(args.data, args.binarize, "test")
     args.num_data = len(train_set)
     bk, model, guide, trainer = build(args, train_set)
