@@ -7,8 +7,17 @@ ELBO classes for NumPyro::
 """
 
 from .distributions import OneHotCategorical
-from .elbo import ARM_ELBO, DisARM_ELBO
+from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
+from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
 
 __version__ = "0.1.0"
 
-__all__ = ["ARM_ELBO", "DisARM_ELBO", "OneHotCategorical"]
+__all__ = [
+    "ARM_ELBO",
+    "DisARM_ELBO",
+    "LocalDisARM_IWAE",
+    "OneHotCategorical",
+    "RLOO_ELBO",
+    "VIMCO",
+    "iwae_bound",
+]

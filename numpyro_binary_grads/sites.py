@@ -3,21 +3,37 @@ The site mechanism: THE one place where discrete guide sites are found, their
 noise is owned, guide and model are run over an "evaluation" dim, and
 per-site learning signals are formed.
 
-For every non-reparameterized Bernoulli guide site (logits or probs, possibly
-``.to_event`` / expanded / masked, inside plates, possibly depending on earlier
-sites) :class:`NoiseMessenger` draws the site's uniform noise itself,
-``u_j = uniform(fold_in(noise_key, j), shape)``, and sets the value from noise
-and logits. With evaluations ``e = 0`` (base) and ``e = t`` ("flip site t",
-``t = 1..T``, the discrete guide sites in execution order), site ``j`` takes
-``1[u_j < sigmoid(alpha_j)]`` in every evaluation except ``e = j``, where it
-takes the antithetic ``1[1 - u_j < sigmoid(alpha_j)]``.
+For every non-reparameterized discrete guide site (``Bernoulli`` with logits
+or probs, ``Categorical``, :class:`~numpyro_binary_grads.OneHotCategorical`;
+possibly ``.to_event`` / expanded / masked, inside plates, possibly depending
+on earlier sites) :class:`NoiseMessenger` draws the site's noise itself and
+sets the value from noise and logits: ``b = 1[u < sigmoid(alpha)]`` for a
+Bernoulli site, Gumbel-argmax ``argmax(alpha - log(-log u))`` from uniforms
+shaped like the logits (class dim included) for a categorical one.
 
-All evaluations run with the same rng key, vectorized with
-``jax.vmap(run_one, in_axes=(0, None, None))(jnp.arange(E), key, params)`` (or
-``jax.lax.map`` with ``vectorize=False``; the same numbers): every draw other
-than the owned noise is shared, so every site executed before the flipped
-site keeps exactly its base value (the continuous-upstream bias trap of
-DESIGN.md), and sites after it reuse their noise (common random numbers).
+Which configurations are evaluated is a :class:`Plan`: evaluation ``e`` uses
+noise draw ``source[e]`` of every discrete site and takes the antithetic
+value ``1[1 - u < sigmoid(alpha)]`` at the Bernoulli sites ``j`` with
+``flips[e][j]``. The pair estimators (ARM, DisARM) evaluate ``e = 0`` (base)
+and ``e = t`` ("flip site t", the discrete sites in execution order), all on
+draw 0; RLOO and VIMCO evaluate ``K`` independent draws; local DisARM ``P``
+antithetic pairs (evaluations ``2k`` and ``2k + 1`` share draw ``k``). The
+uniforms of site ``j`` in draw ``s`` are
+``uniform(fold_in(fold_in(noise_key, j), s), shape)`` (no fold with ``s``
+when the plan has one draw), so ``jax.vmap`` and ``jax.lax.map`` over the
+evaluations give the same numbers.
+
+Continuous (reparameterized) guide sites: every evaluation runs with the same
+guide key, and the key the ``seed`` handler gives a continuous latent site is
+folded with the evaluation's noise draw ``source[e]`` (when the plan has more
+than one draw). Evaluations that share a draw thus share every continuous
+draw: a continuous site before any flipped site takes exactly the value of
+the draw's unflipped evaluation (the continuous-upstream bias trap of
+DESIGN.md; Pyro copies the values, here they are recomputed from the same
+noise), and one after a flipped site reuses its noise on the new inputs
+(common random numbers, unbiased). Independent draws (RLOO, VIMCO) get
+independent continuous draws. Plate subsample indices and ``prng_key``
+sites keep the shared key: all evaluations see one minibatch.
 
 Learning signals keep plate dims: for discrete site ``j`` each model/guide
 log-prob term is summed over the plates ``j`` is not in and broadcast over
@@ -26,13 +42,16 @@ that plate's subsample scale, so that element ``n``'s signal estimates the
 full-data objective. Localising over a plate ``P`` is valid only if no guide
 site outside ``P`` executes after ``j``; otherwise the signal is summed over
 ``P`` (with a warning naming the sites), and a subsampled ``P`` raises.
+Multi-sample objectives instead reduce every term to the plates common to
+all latent sites (:class:`numpyro_binary_grads.multisample.SampleBound`).
 
 Discrete log-probs (Bernoulli, Categorical, one-hot) are computed here from
 the logits, never with ``fn.log_prob``: NumPyro's
 ``Bernoulli(logits=0.).log_prob`` has a wrong gradient. All reductions are
 done inside the vmapped function on arrays without the evaluation dim, with
 explicit right-aligned shapes (``MultiFrameTensor.sum_to`` transposes arrays
-that carry a leading evaluation dim).
+that carry a leading evaluation dim). Outside, every per-evaluation array
+has the evaluation dim first.
 
 The static structure (sites, plates, ``E``) is found at trace time with
 :func:`jax.eval_shape`, so it costs nothing per step under ``jit``.
@@ -42,8 +61,9 @@ for that). NumPyro's distribution validation is off inside our evaluations
 (as in the Pyro package): the user's choice applies outside them.
 """
 
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from functools import partial
+import math
 import warnings
 
 import jax
@@ -62,42 +82,20 @@ from .distributions import OneHotCategorical
 from .estimators import antithetic_value, bernoulli_value
 
 __all__ = [
-    "DiscreteSite",
-    "Structure",
+    "Evaluations",
+    "GuideStructure",
     "NoiseMessenger",
+    "Plan",
+    "SiteInfo",
     "discover",
+    "pair_surrogate",
     "run_evaluations",
-    "surrogate_loss",
+    "score",
+    "score_surrogate",
     "site_log_prob",
+    "site_signal",
+    "total_elbo",
 ]
-
-
-DiscreteSite = namedtuple(
-    "DiscreteSite", ["name", "index", "event_dim", "signal_plates", "signal_ndim"]
-)
-DiscreteSite.__doc__ = """
-Static description of one discrete guide site.
-
-:param str name: site name.
-:param int index: ``j``, 1-based position among discrete guide sites in
-    execution order; evaluation ``e = j`` flips this site.
-:param int event_dim: event dims of the site's value.
-:param tuple signal_plates: ``((plate_name, dim), ...)``, the plates the
-    learning signal keeps (the site's plates where localising is valid).
-:param int signal_ndim: number of right-aligned batch dims of the signal.
-"""
-
-Structure = namedtuple("Structure", ["sites", "plate_scales"])
-Structure.__doc__ = """
-Static structure of a guide/model pair, found at trace time.
-
-:param tuple sites: the :class:`DiscreteSite` s in execution order.
-:param dict plate_scales: plate name -> ``size / subsample_size``.
-"""
-
-
-def _num_evaluations(structure):
-    return 1 + len(structure.sites)
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +105,7 @@ def _num_evaluations(structure):
 _WRAPPERS = (Independent, ExpandedDistribution, MaskedDistribution)
 _BERNOULLI = (dist.BernoulliLogits, dist.BernoulliProbs)
 _CATEGORICAL = (dist.CategoricalLogits, dist.CategoricalProbs)
+_KINDS = {"bernoulli": "Bernoulli", "categorical": "Categorical", "onehot": "OneHotCategorical"}
 
 
 def _base_dist(fn):
@@ -115,11 +114,40 @@ def _base_dist(fn):
     return fn
 
 
+def _kind(base):
+    if isinstance(base, _BERNOULLI):
+        return "bernoulli"
+    if isinstance(base, _CATEGORICAL):
+        return "categorical"
+    if isinstance(base, OneHotCategorical):
+        return "onehot"
+    return None
+
+
 def _bernoulli_logits(base):
     if isinstance(base, dist.BernoulliLogits):
         return base.logits
     probs = base.probs
     return jnp.log(probs) - jnp.log1p(-probs)
+
+
+def site_logits(fn, kind, shape):
+    """
+    The logits of a discrete site, broadcast to the value's ``shape``
+    (``sample_shape + batch_shape + event_shape``) plus the class dim for a
+    ``Categorical``.
+    """
+    base = _base_dist(fn)
+    if kind == "bernoulli":
+        a = _bernoulli_logits(base)
+    else:
+        a = base.logits
+        if kind == "categorical":
+            shape = tuple(shape) + jnp.shape(a)[-1:]
+    a = jnp.broadcast_to(a, shape)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        a = a.astype(jnp.result_type(float))
+    return a
 
 
 def _log_prob(fn, value, detach):
@@ -150,7 +178,9 @@ def _log_prob(fn, value, detach):
         a = stop_gradient(fn.logits) if detach else fn.logits
         logp = jax.nn.log_softmax(a, -1)
         value = jnp.asarray(value).astype(jnp.int32)
-        logp = jnp.broadcast_to(logp, jnp.shape(value) + logp.shape[-1:])
+        shape = jnp.broadcast_shapes(jnp.shape(value), logp.shape[:-1])
+        logp = jnp.broadcast_to(logp, shape + logp.shape[-1:])
+        value = jnp.broadcast_to(value, shape)
         return jnp.take_along_axis(logp, value[..., None], -1)[..., 0]
     if isinstance(fn, OneHotCategorical):
         a = stop_gradient(fn.logits) if detach else fn.logits
@@ -184,7 +214,7 @@ def site_log_prob(site, detach=False):
     return lp
 
 
-def _check_guide_site(msg, owner):
+def _check_guide_site(msg, owner, supports):
     """Trace-time checks of a latent guide sample site; True if we own it."""
     name, fn = msg["name"], msg["fn"]
     enum = (msg.get("infer") or {}).get("enumerate")
@@ -198,7 +228,8 @@ def _check_guide_site(msg, owner):
     if fn.has_rsample:
         return False
     base = _base_dist(fn)
-    if isinstance(base, _BERNOULLI):
+    kind = _kind(base)
+    if kind is not None and kind in supports:
         return True
     if not getattr(fn.support, "is_discrete", False):
         raise NotImplementedError(
@@ -206,15 +237,16 @@ def _check_guide_site(msg, owner):
             f"reparameterizable nor a discrete site {owner} handles; use "
             "a reparameterizable distribution or numpyro.infer.TraceGraph_ELBO."
         )
+    handled = ", ".join(_KINDS[k] for k in supports)
     hint = ""
-    if isinstance(base, _CATEGORICAL + (OneHotCategorical,)):
+    if kind in ("categorical", "onehot"):
         hint = (
             " Categorical sites are handled by score-function estimators such "
-            "as RLOO_ELBO or numpyro.infer.TraceGraph_ELBO;"
+            "as RLOO_ELBO, VIMCO or numpyro.infer.TraceGraph_ELBO;"
         )
     raise NotImplementedError(
         f"Guide site '{name}' has a {type(base).__name__} distribution, which "
-        f"{owner} does not handle (it handles Bernoulli)." + hint
+        f"{owner} does not handle (it handles {handled})." + hint
         + " Use numpyro.infer.TraceGraph_ELBO for this guide, or change the site."
     )
 
@@ -231,39 +263,185 @@ def _check_finite(name, alpha):
 
 
 # ---------------------------------------------------------------------------
+# the structure of a guide, found at trace time
+# ---------------------------------------------------------------------------
+
+
+SiteInfo = namedtuple(
+    "SiteInfo",
+    ["name", "index", "event_dim", "kind", "alpha_event_dim", "signal_plates", "signal_ndim"],
+)
+SiteInfo.__doc__ = """
+Static facts about one discrete guide site.
+
+:param str name: site name.
+:param int index: 0-based position among the discrete guide sites in
+    execution order (``Plan.pairs``: evaluation ``index + 1`` flips it).
+:param int event_dim: event dims of the site's value.
+:param str kind: ``"bernoulli"``, ``"categorical"`` or ``"onehot"``.
+:param int alpha_event_dim: event dims of the logits (``event_dim``, plus the
+    class dim of a ``Categorical``).
+:param tuple signal_plates: ``((plate_name, dim), ...)``, the plates the
+    learning signal keeps (the site's plates where localising is valid).
+:param int signal_ndim: number of right-aligned batch dims of the signal.
+"""
+
+
+class GuideStructure:
+    """
+    The discrete sites of a guide in execution order and the plates, found
+    by :func:`discover` at trace time.
+
+    :ivar discrete: ``OrderedDict`` name -> :class:`SiteInfo`.
+    :ivar num_before: non-discrete latent site -> number of discrete sites
+        executed before it.
+    :ivar plate_scales: plate name -> ``size / subsample_size``.
+    :ivar common_plates: ``((plate_name, dim), ...)``, the plates common to
+        all latent guide sites (the per-element K-sample bound's plates).
+    :ivar common_ndim: right-aligned dims of that layout.
+    """
+
+    def __init__(self, discrete, num_before, plate_scales, common_plates):
+        self.discrete = discrete
+        self.num_before = num_before
+        self.plate_scales = plate_scales
+        self.common_plates = common_plates
+        self.common_ndim = max((-d for _, d in common_plates), default=0)
+
+    @property
+    def num_sites(self):
+        return len(self.discrete)
+
+    @property
+    def common_scale(self):
+        """:math:`s_P`, the product of the common plates' subsample scales."""
+        return math.prod(self.plate_scales.get(n, 1.0) for n, _ in self.common_plates)
+
+
+# ---------------------------------------------------------------------------
+# evaluation plans
+# ---------------------------------------------------------------------------
+
+
+class Plan:
+    """
+    Which configurations an estimator evaluates. Evaluation ``e`` uses noise
+    draw ``source[e]`` of every discrete site and takes the antithetic value
+    at the sites ``j`` with ``flips[e][j]``. A non-discrete latent site after
+    ``k`` discrete sites takes the value of evaluation ``base[e]`` (same noise
+    draw, no flips) unless one of the first ``k`` sites is flipped in ``e``
+    (:meth:`copy_index`); in NumPyro this holds because evaluations of one
+    draw share the continuous sites' keys (module docstring).
+    """
+
+    def __init__(self, source, flips, value_fn=None):
+        #: optional ``value_fn(info, u, alpha, hard) -> value``: the value a
+        #: discrete site takes given its noise, logits and hard sample (e.g. a
+        #: straight-through value ``hard + (s - sg(s))``); default the hard one
+        self.value_fn = value_fn
+        self.source = list(source)
+        self.flips = [tuple(bool(x) for x in f) for f in flips]
+        self.num_evaluations = len(self.source)
+        self.num_draws = max(self.source) + 1
+        unflipped = {}
+        for e, (s, f) in enumerate(zip(self.source, self.flips)):
+            if not any(f):
+                unflipped.setdefault(s, e)
+        self.base = [unflipped.get(s, e) for e, s in enumerate(self.source)]
+
+    @classmethod
+    def pairs(cls, T):
+        """ARM/DisARM: the base path and one antithetic flip per site."""
+        return cls([0] * (T + 1), [[t == e - 1 for t in range(T)] for e in range(T + 1)])
+
+    @classmethod
+    def independent(cls, K, T):
+        """K independent samples (RLOO, VIMCO)."""
+        return cls(range(K), [[False] * T] * K)
+
+    @classmethod
+    def antithetic_pairs(cls, P, T):
+        """P independent antithetic pairs of the whole configuration (local
+        DisARM): evaluations ``2k`` and ``2k + 1`` share noise draw ``k``."""
+        return cls([e // 2 for e in range(2 * P)], [[e % 2 == 1] * T for e in range(2 * P)])
+
+    def flips_any(self, j):
+        return any(f[j] for f in self.flips)
+
+    def copy_index(self, k):
+        """Per evaluation, the evaluation whose value a non-discrete site
+        after ``k`` discrete sites takes."""
+        return [
+            e if any(self.flips[e][:k]) else self.base[e]
+            for e in range(self.num_evaluations)
+        ]
+
+    def arrays(self):
+        """``source`` as an ``(E,)`` int array, ``flips`` as ``(E, T)`` bool."""
+        T = len(self.flips[0]) if self.flips else 0
+        flips = jnp.asarray(self.flips, dtype=bool).reshape(self.num_evaluations, T)
+        return jnp.asarray(self.source, dtype=jnp.int32), flips
+
+
+# ---------------------------------------------------------------------------
 # the noise handler
 # ---------------------------------------------------------------------------
 
 
+def _categorical_value(u, alpha, one_hot):
+    """Gumbel-argmax: ``argmax(alpha - log(-log u))``."""
+    z = jnp.argmax(alpha - jnp.log(-jnp.log(u)), -1)
+    if one_hot:
+        return jax.nn.one_hot(z, alpha.shape[-1], dtype=alpha.dtype)
+    return z.astype(jnp.result_type(int))
+
+
 class NoiseMessenger(Messenger):
     """
-    Owns the noise of every non-reparameterized Bernoulli guide site.
+    Owns the noise of the discrete guide sites of one evaluation.
 
-    Sets only ``msg["value"]`` (the site stays latent and replayable):
-    ``1[u_j < sigmoid(alpha_j)]``, or the antithetic value when
-    ``evaluation == j``. Records ``(alpha, u, b, b_tilde)`` per site in
-    ``self.record`` (``b``/``b_tilde`` as float arrays of the logits' dtype).
+    Sets only ``msg["value"]`` (the site stays latent and replayable). For a
+    continuous latent site it folds the key given by the (inner) ``seed``
+    handler with the evaluation's noise draw (when the plan has several).
+    Records ``(alpha, u, value)`` per discrete site in ``self.record``.
 
     :param fn: the (seeded, substituted) guide.
+    :param plan: the :class:`Plan`, or None for the base path (draw 0, no
+        flips; used by :func:`discover`).
     :param evaluation: the evaluation index ``e`` (int or traced scalar).
-    :param noise_key: key from which ``u_j = uniform(fold_in(noise_key, j))``.
+    :param noise_key: key from which the uniforms are drawn.
     :param dict noise: optional ``{site_name: u}`` overriding the noise
-        (tests; ``u`` must have the site's full shape).
+        (tests): ``u`` of the logits' shape (every draw) or with a leading
+        ``num_draws`` dim.
     :param str owner: the ELBO class name, for error messages.
+    :param tuple supports: the site kinds handled.
     """
 
-    def __init__(self, fn=None, evaluation=0, noise_key=None, noise=None, owner="ELBO"):
+    def __init__(self, fn=None, plan=None, evaluation=0, noise_key=None, noise=None,
+                 owner="ELBO", supports=("bernoulli",), infos=None):
+        self.plan = plan
         self.evaluation = evaluation
         self.noise_key = noise_key
         self.noise = noise or {}
         self.owner = owner
+        self.supports = supports
+        self.infos = infos or {}
         self.record = {}
+        self.draw, self.flips = None, None
+        if plan is not None:
+            source, flips = plan.arrays()
+            self.flips = flips[evaluation]
+            if plan.num_draws > 1:
+                self.draw = source[evaluation]
         super().__init__(fn)
 
     def process_message(self, msg):
         if msg["type"] != "sample" or msg.get("is_observed", False):
             return
-        if not _check_guide_site(msg, self.owner):
+        if not _check_guide_site(msg, self.owner, self.supports):
+            key = msg["kwargs"].get("rng_key")
+            if self.draw is not None and msg["value"] is None and key is not None:
+                msg["kwargs"]["rng_key"] = random.fold_in(key, self.draw)
             return
         name, fn = msg["name"], msg["fn"]
         if msg["value"] is not None:
@@ -272,21 +450,39 @@ class NoiseMessenger(Messenger):
                 f"conditioned); {self.owner} must draw it itself. Remove the "
                 "substitution from the guide."
             )
-        index = len(self.record) + 1
+        index = len(self.record)
+        kind = _kind(_base_dist(fn))
         shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.shape())
-        alpha = jnp.broadcast_to(_bernoulli_logits(_base_dist(fn)), shape)
-        if not jnp.issubdtype(alpha.dtype, jnp.floating):
-            alpha = alpha.astype(jnp.result_type(float))
+        alpha = site_logits(fn, kind, shape)
         _check_finite(name, alpha)
-        if name in self.noise:
-            u = jnp.broadcast_to(jnp.asarray(self.noise[name], alpha.dtype), shape)
+        u = self._uniform(name, index, alpha)
+        if kind == "bernoulli":
+            hard = bernoulli_value(u, alpha)
+            if self.plan is not None and self.plan.flips_any(index):
+                hard = jnp.where(self.flips[index], antithetic_value(u, alpha), hard)
         else:
-            u = random.uniform(random.fold_in(self.noise_key, index), shape, alpha.dtype)
-        b = bernoulli_value(u, alpha)
-        b_tilde = antithetic_value(u, alpha)
-        value = jnp.where(self.evaluation == index, b_tilde, b)
-        msg["value"] = value.astype(jnp.result_type(int))
-        self.record[name] = (alpha, u, b, b_tilde)
+            hard = _categorical_value(u, alpha, kind == "onehot")
+        if self.plan is not None and self.plan.value_fn is not None:
+            value = self.plan.value_fn(self.infos.get(name), u, alpha, hard)
+        elif kind == "bernoulli":
+            value = hard.astype(jnp.result_type(int))
+        else:
+            value = hard
+        msg["value"] = value
+        self.record[name] = (alpha, u, hard)
+
+    def _uniform(self, name, index, alpha):
+        shape = alpha.shape
+        if name in self.noise:
+            u = jnp.asarray(self.noise[name], alpha.dtype)
+            if self.draw is not None and u.ndim == len(shape) + 1:
+                u = u[self.draw]
+            return jnp.broadcast_to(u, shape)
+        key = random.fold_in(self.noise_key, index + 1)
+        if self.draw is not None:
+            key = random.fold_in(key, self.draw)
+        # in (0, 1): the logit and Gumbel transforms stay finite
+        return random.uniform(key, shape, alpha.dtype, minval=jnp.finfo(alpha.dtype).tiny)
 
 
 # ---------------------------------------------------------------------------
@@ -294,14 +490,18 @@ class NoiseMessenger(Messenger):
 # ---------------------------------------------------------------------------
 
 
-def _traces(e, key, params, model, guide, args, kwargs, noise, owner):
+def _traces(e, key, params, model, guide, args, kwargs, noise, owner, plan=None,
+            supports=("bernoulli",), infos=None):
     noise_key, guide_key, model_key = random.split(key, 3)
     messenger = NoiseMessenger(
         seed(substitute(guide, data=params), guide_key),
+        plan=plan,
         evaluation=e,
         noise_key=noise_key,
         noise=noise,
         owner=owner,
+        supports=supports,
+        infos=infos,
     )
     guide_trace = trace(messenger).get_trace(*args, **kwargs)
     mutable = {
@@ -347,38 +547,84 @@ def _reduce_term(lp, term_frames, signal_plates, signal_ndim):
     return jnp.reshape(x, shape)
 
 
-def _evaluate(e, key, params, structure, model, guide, args, kwargs, noise, owner):
-    """One evaluation: total f, per-signal-layout learning signals, site records."""
-    guide_trace, model_trace, record, mutable = _traces(
-        e, key, params, model, guide, args, kwargs, noise, owner
-    )
-    owned = set(record)
+def _terms(model_trace, guide_trace, owned, detach_discrete):
+    """``[(side, name, frames, lp)]``: scaled, masked log-prob arrays, guide
+    terms negated; the discrete guide sites' log-probs detached if asked."""
     terms = []
     for name, site in model_trace.items():
         if site["type"] == "sample":
-            terms.append((site["cond_indep_stack"], site_log_prob(site)))
+            terms.append(("model", name, site["cond_indep_stack"], site_log_prob(site)))
     for name, site in guide_trace.items():
         if site["type"] == "sample":
-            lp = site_log_prob(site, detach=name in owned)
-            terms.append((site["cond_indep_stack"], -lp))
-    f = sum((jnp.sum(lp) for _, lp in terms), start=jnp.zeros(()))
+            lp = site_log_prob(site, detach=detach_discrete and name in owned)
+            terms.append(("guide", name, site["cond_indep_stack"], -lp))
+    return terms
+
+
+def _signals(terms, structure):
+    """Learning signals per layout ``(plates, ndim)`` of the discrete sites."""
     signals = {}
-    for s in structure.sites:
+    for s in structure.discrete.values():
         layout = (s.signal_plates, s.signal_ndim)
         if layout in signals:
             continue
-        total = None
-        for frames, lp in terms:
+        total = jnp.zeros((1,) * s.signal_ndim)
+        for _, _, frames, lp in terms:
             x = _reduce_term(lp, frames, s.signal_plates, s.signal_ndim)
             names = {fr.name for fr in frames}
             for plate_name, _ in s.signal_plates:
                 scale = structure.plate_scales.get(plate_name, 1.0)
                 if plate_name not in names and scale != 1.0:
                     x = x * scale
-            total = x if total is None else total + x
-        signals[layout] = jnp.zeros(()) if total is None else total
-    sites = {name: record[name] for name in (s.name for s in structure.sites)}
-    return f, signals, sites, mutable
+            total = total + x
+        signals[layout] = total
+    return signals
+
+
+def _bound_terms(terms, structure):
+    """
+    ``(f_P, outside)``: the terms inside all common plates reduced to their
+    layout, without their subsample scale :math:`s_P`; and ``{(side, name):
+    sum}`` of the terms outside them (checked later not to depend on the
+    evaluation). A term in a subsampled plate that is not common raises.
+    """
+    common = {n for n, _ in structure.common_plates}
+    s_P = structure.common_scale
+    f = jnp.zeros((1,) * structure.common_ndim)
+    outside = {}
+    for side, name, frames, lp in terms:
+        names = {fr.name for fr in frames}
+        for fr in frames:
+            if fr.name not in common and structure.plate_scales.get(fr.name, 1.0) != 1.0:
+                raise NotImplementedError(
+                    f"The {side} site '{name}' is in the subsampled plate "
+                    f"'{fr.name}', which not every latent site is in; the "
+                    "K-sample bound is only defined for subsampling of the plates "
+                    f"common to all latent sites ({sorted(common)})."
+                )
+        if common <= names:
+            x = _reduce_term(lp, frames, structure.common_plates, structure.common_ndim)
+            f = f + (x / s_P if s_P != 1.0 else x)
+        else:
+            outside[side, name] = jnp.sum(lp)
+    return f, outside
+
+
+def _evaluate(e, key, params, structure, plan, model, guide, args, kwargs, noise, owner,
+              supports, detach_discrete, signals, bound):
+    """One evaluation: total f, learning signals, bound terms, site records."""
+    guide_trace, model_trace, record, mutable = _traces(
+        e, key, params, model, guide, args, kwargs, noise, owner, plan, supports,
+        structure.discrete,
+    )
+    terms = _terms(model_trace, guide_trace, set(record), detach_discrete)
+    f = sum((jnp.sum(lp) for _, _, _, lp in terms), start=jnp.zeros(()))
+    out = {"f": f, "sites": {n: record[n] for n in structure.discrete}, "mutable": mutable}
+    if signals:
+        out["signals"] = _signals(terms, structure)
+    if bound:
+        out["bound"], out["outside"] = _bound_terms(terms, structure)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -386,10 +632,12 @@ def _evaluate(e, key, params, structure, model, guide, args, kwargs, noise, owne
 # ---------------------------------------------------------------------------
 
 
-def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None):
+def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None,
+             supports=("bernoulli",)):
     """
-    Find the static :class:`Structure` of ``model``/``guide`` by tracing
-    evaluation 0 abstractly (:func:`jax.eval_shape`: no FLOPs, no device work).
+    Find the static :class:`GuideStructure` of ``model``/``guide`` by tracing
+    the base path abstractly (:func:`jax.eval_shape`: no FLOPs, no device
+    work).
 
     Raises the structural errors (unsupported or enumerated sites, a
     subsampled plate where localising is invalid) and warns once per
@@ -399,7 +647,7 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
 
     def fn(key, params):
         guide_trace, model_trace, record, _ = _traces(
-            0, key, params, model, guide, args, kwargs, None, owner
+            0, key, params, model, guide, args, kwargs, None, owner, None, supports
         )
         _validate_model(model_trace, plate_warning="loose")
         found["traces"] = (model_trace, guide_trace)  # metadata only, after tracing
@@ -436,8 +684,9 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
                 full = plate_sizes.get(f.name, f.size)
                 plate_scales[f.name] = full / f.size
     order = [n for n, info in guide_sites.items() if not info["observed"]]
-    result = []
-    for index, name in enumerate(found["owned"], start=1):
+    owned = found["owned"]
+    discrete = OrderedDict()
+    for index, name in enumerate(owned):
         info = guide_sites[name]
         later = order[order.index(name) + 1 :]
         kept = []
@@ -468,10 +717,21 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None)
                     stacklevel=3,
                 )
         ndim = max((-d for _, d in kept), default=0)
-        result.append(
-            DiscreteSite(name, index, info["event_dim"], tuple(sorted(kept)), ndim)
+        kind = info["kind"]
+        discrete[name] = SiteInfo(
+            name, index, info["event_dim"], kind, info["event_dim"] + (kind == "categorical"),
+            tuple(sorted(kept)), ndim,
         )
-    return Structure(tuple(result), plate_scales)
+    num_before, count = {}, 0
+    common = None
+    for name in order:
+        if name in discrete:
+            count += 1
+        else:
+            num_before[name] = count
+        frames = {(f.name, f.dim) for f in guide_sites[name]["frames"]}
+        common = frames if common is None else common & frames
+    return GuideStructure(discrete, num_before, plate_scales, tuple(sorted(common or ())))
 
 
 def _summarize(tr):
@@ -485,78 +745,193 @@ def _summarize(tr):
                 "frames": tuple(site["cond_indep_stack"]),
                 "plates": {f.name for f in site["cond_indep_stack"]},
                 "event_dim": site["fn"].event_dim,
+                "kind": _kind(_base_dist(site["fn"])),
                 "enumerate": (site.get("infer") or {}).get("enumerate"),
             }
     return sites, plates
 
 
 # ---------------------------------------------------------------------------
-# all evaluations, and the surrogate
+# all evaluations
 # ---------------------------------------------------------------------------
 
 
-Evaluations = namedtuple("Evaluations", ["f", "signals", "sites", "mutable_state"])
+Evaluations = namedtuple(
+    "Evaluations", ["f", "signals", "sites", "mutable_state", "bound", "outside"]
+)
 Evaluations.__doc__ = """
-Output of :func:`run_evaluations`.
+Output of :func:`run_evaluations`; every per-evaluation array has the
+evaluation dim first.
 
-:param f: ``(E,)`` total f (log p - log q, discrete guide log-probs detached)
-    per evaluation.
-:param dict signals: ``(plates, ndim) -> (E, *signal_shape)`` learning signals.
-:param dict sites: ``name -> (alpha, u, b, b_tilde)`` of the base evaluation.
+:param f: ``(E,)`` total f (log p - log q) per evaluation.
+:param dict signals: ``(plates, ndim) -> (E, *signal_shape)`` learning
+    signals (None unless asked for).
+:param dict sites: ``name -> (alpha, u, hard value)``, each ``(E, ...)``.
 :param mutable_state: the mutable state of evaluation 0 (or None).
+:param bound: ``(E, *common_plate_shape)``: each evaluation's log-weight per
+    element of the plates common to all latent sites, without their
+    subsample scale (None unless asked for).
+:param outside: the sum of the terms outside those plates (a scalar; they
+    do not depend on the evaluation).
 """
 
 
 def run_evaluations(
-    key, params, model, guide, args, kwargs, *, structure, vectorize=True, noise=None, owner="ELBO"
+    key, params, model, guide, args, kwargs, *, structure, plan, vectorize=True, noise=None,
+    owner="ELBO", supports=("bernoulli",), detach_discrete=True, signals=True, bound=False,
 ):
     """
-    Run guide and model over the ``E = 1 + T`` evaluations of ``structure``
-    with the same ``key``: ``jax.vmap`` over the evaluation index, or
-    ``jax.lax.map`` when ``vectorize=False`` (the same numbers).
+    Run guide and model over the evaluations of ``plan`` with the same
+    ``key``: ``jax.vmap`` over the evaluation index, or ``jax.lax.map`` when
+    ``vectorize=False`` (the same numbers).
+
+    With ``bound=True`` the terms outside the plates common to all latent
+    sites must not depend on the evaluation; this is checked at trace time
+    (``jax.vmap(..., out_axes=None)``) and raises naming the site.
     """
     run_one = partial(
         _evaluate,
         structure=structure,
+        plan=plan,
         model=model,
         guide=guide,
         args=args,
         kwargs=kwargs,
         noise=noise,
         owner=owner,
+        supports=supports,
+        detach_discrete=detach_discrete,
+        signals=signals,
+        bound=bound,
     )
-    E = _num_evaluations(structure)
-    evals = jnp.arange(E)
+    evals = jnp.arange(plan.num_evaluations)
     with validation_enabled(False):
+        if bound:
+            _check_outside(run_one, evals, key, params, structure)
         if vectorize:
             out = jax.vmap(run_one, in_axes=(0, None, None))(evals, key, params)
         else:
             out = jax.lax.map(lambda e: run_one(e, key, params), evals)
-    f, signals, sites, mutable = out
-    sites = {name: tuple(x[0] for x in rec) for name, rec in sites.items()}
-    for name, (alpha, _, _, _) in sites.items():
+    for name, (alpha, _, _) in out["sites"].items():
         _check_finite(name, alpha)
+    mutable = out["mutable"]
     mutable = jax.tree.map(lambda x: x[0], mutable) if mutable else None
-    return Evaluations(f, signals, sites, mutable)
+    outside = None
+    if bound:
+        outside = sum((v[0] for v in out["outside"].values()), start=jnp.zeros(()))
+    return Evaluations(out["f"], out.get("signals"), out["sites"], mutable,
+                       out.get("bound"), outside)
 
 
-def surrogate_loss(evaluations, structure, site_gradient):
+def _check_outside(run_one, evals, key, params, structure):
+    """Trace-time (abstract) check that no term outside the common plates
+    depends on the evaluation: such an output of ``jax.vmap`` is batched."""
+    if len(evals) < 2:
+        return
+
+    def outside(e, key, params, name=None):
+        terms = run_one(e, key, params)["outside"]
+        return terms if name is None else terms[name]
+
+    def check(name=None):
+        fn = jax.vmap(partial(outside, name=name), in_axes=(0, None, None), out_axes=None)
+        try:
+            jax.eval_shape(fn, evals, key, params)
+        except ValueError:
+            return False
+        return True
+
+    if check():
+        return
+    common = sorted(n for n, _ in structure.common_plates)
+    for side, name in jax.eval_shape(outside, evals[0], key, params):
+        if not check((side, name)):
+            raise ValueError(
+                f"The {side} site '{name}' is outside the plates {common} "
+                "common to all latent sites, and its log-prob depends on the "
+                "samples; the per-element K-sample bound is not defined for it. "
+                "Put the site inside those plates, or the latent sites outside."
+            ) from None
+
+
+# ---------------------------------------------------------------------------
+# learning signals and surrogates
+# ---------------------------------------------------------------------------
+
+
+def total_elbo(evals):
+    """The ELBO integrand summed over the plates: shape ``(E,)``."""
+    return evals.f
+
+
+def _expand(x, ndim, alpha, alpha_event_dim):
+    """``x`` of shape ``(E', *layout)`` (``ndim`` right-aligned layout dims)
+    reshaped to broadcast against ``alpha`` of shape ``(E, *batch, *event)``."""
+    x = jnp.asarray(x)
+    x = jnp.reshape(x, jnp.shape(x)[:1] + (1,) * (1 + ndim - jnp.ndim(x)) + jnp.shape(x)[1:])
+    pad = alpha.ndim - 1 - alpha_event_dim - ndim
+    return jnp.reshape(x, x.shape[:1] + (1,) * pad + x.shape[1:] + (1,) * alpha_event_dim)
+
+
+def _float_value(info, alpha, value):
+    if info.kind == "categorical":
+        return jax.nn.one_hot(value, alpha.shape[-1], dtype=alpha.dtype)
+    return jnp.asarray(value, alpha.dtype)
+
+
+def site_signal(evals, info):
     """
-    The one scalar ``V + (S - sg(S))``: value ``V = -mean_e f_e`` (the
-    ordinary ELBO estimate), gradient of
-    ``S = -mean_e f_e - sum_j sum(alpha_j * sg(g_j))``, where
-    ``g_j = site_gradient(f, f_tilde, u, b, b_tilde, alpha)`` is the detached
-    estimate of d E[f] / d alpha_j, with ``f``/``f_tilde`` the signals of
-    evaluations 0 and ``j`` broadcast to ``alpha_j``'s shape.
+    A site's learning signal (detached), alpha and hard value, each with the
+    evaluation dim first; the signal reshaped to broadcast against alpha
+    (size-1 dims at the plates it is summed over and at alpha's event dims).
     """
-    f = evaluations.f
-    value = -jnp.mean(f)
-    score = jnp.zeros((), dtype=value.dtype)
-    for s in structure.sites:
-        alpha, u, b, b_tilde = evaluations.sites[s.name]
-        signal = evaluations.signals[(s.signal_plates, s.signal_ndim)]
-        f0 = signal[0].reshape(signal.shape[1:] + (1,) * s.event_dim)
-        fj = signal[s.index].reshape(signal.shape[1:] + (1,) * s.event_dim)
-        g = site_gradient(f0, fj, u, b, b_tilde, alpha)
-        score = score + jnp.sum(alpha * stop_gradient(g))
-    return value - (score - stop_gradient(score))
+    alpha, _, value = evals.sites[info.name]
+    signal = stop_gradient(evals.signals[(info.signal_plates, info.signal_ndim)])
+    return _expand(signal, info.signal_ndim, alpha, info.alpha_event_dim), alpha, value
+
+
+def pair_surrogate(evals, structure, pair_estimate):
+    """
+    ``(elbo, surrogate)`` of one draw of a pair estimator (ARM, DisARM): the
+    ELBO averaged over the evaluations, and a surrogate whose gradient is
+    pathwise for model parameters and reparameterized sites and
+    ``pair_estimate(f, f_tilde, u, b, b_tilde, alpha)`` (of the base and
+    flipped evaluations of each site) for the discrete sites' logits.
+    """
+    f = total_elbo(evals)
+    surr = jnp.mean(f)
+    for info in structure.discrete.values():
+        signal, alpha, value = site_signal(evals, info)
+        j = info.index + 1
+        u = evals.sites[info.name][1][0]
+        b = jnp.asarray(value[0], alpha.dtype)
+        b_tilde = jnp.asarray(value[j], alpha.dtype)
+        g = pair_estimate(signal[0], signal[j], u, b, b_tilde, stop_gradient(alpha[0]))
+        surr = surr + jnp.sum(alpha[0] * stop_gradient(g))
+    return jnp.mean(f), surr
+
+
+def score(info, alpha, value):
+    """:math:`\\nabla_\\alpha \\log q(v)`: ``v - sigmoid(alpha)``, or
+    ``one_hot(v) - softmax(alpha)`` for categorical sites (detached)."""
+    alpha = stop_gradient(alpha)
+    value = _float_value(info, alpha, value)
+    if info.kind == "bernoulli":
+        return value - jax.nn.sigmoid(alpha)
+    return value - jax.nn.softmax(alpha, -1)
+
+
+def score_surrogate(evals, structure, weight):
+    """
+    ``sum_sites sum_e alpha_e * sg(c_e * score_e)`` for score-function
+    estimators, where ``c = weight(signal)`` maps each site's learning
+    signals on the evaluations (``(E, *signal_shape)``, evaluation dim
+    first) to their coefficients.
+    """
+    surr = jnp.zeros(())
+    for info in structure.discrete.values():
+        alpha, _, value = evals.sites[info.name]
+        signal = stop_gradient(evals.signals[(info.signal_plates, info.signal_ndim)])
+        c = _expand(weight(signal), info.signal_ndim, alpha, info.alpha_event_dim)
+        surr = surr + jnp.sum(alpha * stop_gradient(c * score(info, alpha, value)))
+    return surr

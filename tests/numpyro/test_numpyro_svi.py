@@ -28,7 +28,10 @@ B = specs.numpyro_backend()
 
 
 def test_public_names():
-    assert set(numpyro_binary_grads.__all__) == {"ARM_ELBO", "DisARM_ELBO", "OneHotCategorical"}
+    assert set(numpyro_binary_grads.__all__) == {
+        "ARM_ELBO", "DisARM_ELBO", "LocalDisARM_IWAE", "OneHotCategorical", "RLOO_ELBO",
+        "VIMCO", "iwae_bound",
+    }
     for cls in (ARM_ELBO, DisARM_ELBO):
         assert cls.can_infer_discrete
         assert issubclass(cls, numpyro.infer.elbo.ELBO)
