@@ -271,7 +271,7 @@ def _log_f(site):
     """A site's term of the ELBO integrand: scaled, masked log-prob (discrete
     ones from the logits, as the estimators compute them)."""
     fn, value = site["fn"], site["value"]
-    if isinstance(_base(fn), (Bernoulli, Categorical)):
+    if isinstance(_base(fn), (Bernoulli, Categorical, OneHotCategorical)):
         from .sites import discrete_log_prob
         lp = discrete_log_prob(fn, value)
     else:
@@ -350,7 +350,7 @@ def exact_elbo(model, guide, *args, **kwargs):
         if not _is_sample(site) or site["is_observed"]:
             continue
         base = _base(site["fn"])
-        if not isinstance(base, (Bernoulli, Categorical)) or getattr(site["fn"], "has_rsample",
+        if not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)) or getattr(site["fn"], "has_rsample",
                                                                      False):
             raise ValueError(
                 f"exact=True enumerates the guide's discrete sites, but guide site '{name}' "
