@@ -288,9 +288,8 @@ class PyroTrainer:
     """
 
     def __init__(self, bk, model, guide, elbo, optim="adam", lr=1e-3, betas=(0.9, 0.999),
-                 second_group=(), second_optim=None, second_lr=None):
-        import torch
-
+                 second_group=(), second_optim=None, second_lr=None, grad_scale=1.0):
+        self.grad_scale = grad_scale
         self.bk, self.model, self.guide, self.elbo = bk, model, guide, elbo
         params = {k: bk.pyro.param(k).unconstrained() for k in bk.names}
         main = [p for k, p in params.items() if k not in second_group]
@@ -302,6 +301,10 @@ class PyroTrainer:
 
     def step(self, *args):
         loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+        if self.grad_scale != 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_scale)
         for o in self.optims:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -343,7 +346,8 @@ class NumPyroTrainer:
     """
 
     def __init__(self, bk, model, guide, elbo, example_args, seed=0, optim="adam", lr=1e-3,
-                 betas=(0.9, 0.999), second_group=(), second_optim=None, second_lr=None):
+                 betas=(0.9, 0.999), second_group=(), second_optim=None, second_lr=None,
+                 grad_scale=1.0):
         import jax
         import optax
         from numpyro.infer import SVI
@@ -356,6 +360,8 @@ class NumPyroTrainer:
                 {"main": tx, "second": _optax_optim(second_optim or optim, second_lr or lr, betas)},
                 lambda params: {k: ("second" if k in group else "main") for k in params},
             )
+        if grad_scale != 1.0:
+            tx = optax.chain(optax.scale(grad_scale), tx)
         self.svi = SVI(model, guide, tx, elbo)
         self.state = self.svi.init(jax.random.PRNGKey(seed), *example_args)
         self._update = jax.jit(self.svi.update)
@@ -368,7 +374,14 @@ class NumPyroTrainer:
         return self.svi.get_params(self.state)
 
 
-def make_trainer(bk, model, guide, elbo, example_args, seed, **optim_kw):
+def make_trainer(bk, model, guide, elbo, example_args, seed, num_data, **optim_kw):
+    """
+    The backend's trainer. The loss is the ELBO of the data set (minibatch scaled by
+    ``num_data / batch``); gradients are divided by ``num_data`` before the
+    optimizer, i.e. the optimizers see the per-example loss, as in the papers
+    (this matters for SGD, for RAdam's first un-adapted steps and for Adam's eps).
+    """
+    optim_kw.setdefault("grad_scale", 1.0 / num_data)
     if bk.name == "pyro":
         return PyroTrainer(bk, model, guide, elbo, **optim_kw)
     return NumPyroTrainer(bk, model, guide, elbo, example_args, seed=seed, **optim_kw)
@@ -433,9 +446,21 @@ def _numpyro_bound(bk, model, guide, make_args, chunk, sample_chunk):
         return jax.nn.logsumexp(fs, 0)
 
     key_box = [jax.random.PRNGKey(12345)]
+    try:
+        from numpyro_binary_grads import iwae_bound
+    except ImportError:  # older checkout: the fallback below
+        iwae_bound = None
 
     def bound(trainer, arrays, K):
         params = trainer.snapshot()
+        if iwae_bound is not None:
+            total, n = 0.0, len(arrays[0])
+            for s in range(0, n, chunk):
+                args = make_args(bk, *(a[s : s + chunk] for a in arrays))
+                key_box[0], sub = jax.random.split(key_box[0])
+                total += float(iwae_bound(sub, params, model, guide, *args, num_samples=K,
+                                          chunk_size=min(K, sample_chunk)))
+            return total / n
         total, n = 0.0, len(arrays[0])
         for s in range(0, n, chunk):
             args = make_args(bk, *(a[s : s + chunk] for a in arrays))

@@ -138,12 +138,10 @@ def build(args, train):
     x0 = train.binarized(np.arange(args.batch_size), rng)
     example = (bk.asarray(x0), bk.asarray(np.arange(args.batch_size)), float(len(train)))
     trainer = common.make_trainer(
-        bk, model, guide, elbo, example, args.seed, optim="adam", lr=args.lr,
+        bk, model, guide, elbo, example, args.seed, len(train), optim="adam", lr=args.lr,
         betas=(0.9, args.beta2),
         second_group=("prior_logits",) if args.prior_optim else (),
-        # SGD on the per-example loss (the papers'): our loss is summed over the data set
-        second_optim=args.prior_optim,
-        second_lr=args.prior_lr / len(train) if args.prior_optim == "sgd" else args.prior_lr,
+        second_optim=args.prior_optim, second_lr=args.prior_lr,
     )
     return bk, model, guide, trainer
 

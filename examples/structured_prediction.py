@@ -133,7 +133,7 @@ def main(argv=None):
     num_data = float(len(train_set))
     example = make_args(bk, train_set.binarized(np.arange(args.batch_size), rng))[:3] + (num_data,)
     trainer = common.make_trainer(
-        bk, model, guide, elbo, example, args.seed, optim="adam", lr=args.lr,
+        bk, model, guide, elbo, example, args.seed, num_data, optim="adam", lr=args.lr,
         betas=(0.9, args.beta2))
     bound = common.make_bound(bk, model, guide, make_args)
     x_eval = test_set.fixed_binarization(args.eval_size, args.test_seed)
