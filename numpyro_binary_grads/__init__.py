@@ -6,6 +6,7 @@ ELBO classes for NumPyro::
     svi = SVI(model, guide, optax.adam(1e-3), DisARM_ELBO())   # instead of TraceGraph_ELBO()
 """
 
+from .diagnostics import compare_estimators  # noqa: F401  (add to __all__ with test_public_names)
 from .distributions import OneHotCategorical
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
