@@ -90,7 +90,7 @@ def init_params(args, train, rng):
     return P
 
 
-def make_model_and_guide(bk, args, input_mean):
+def model_and_guide(bk, args, input_mean):
     D = bk.dist
     act = getattr(bk.ops, args.act)
     n = 3 if args.model == "nonlinear" else 1
@@ -132,7 +132,7 @@ def build(args, train):
     """Backend, model, guide and trainer (shared with gradient_variance.py)."""
     rng = np.random.default_rng(args.seed)
     bk = common.get_backend(args.backend, init_params(args, train, rng))
-    model, guide = make_model_and_guide(bk, args, train.mean().astype(np.float32))
+    model, guide = model_and_guide(bk, args, train.mean().astype(np.float32))
     elbo = common.make_elbo(args.backend, args.estimator, num_samples=args.num_samples)
     common.set_seeds(args.backend, args.seed)
     x0 = train.binarized(np.arange(args.batch_size), rng)
@@ -198,6 +198,15 @@ def main(argv=None):
         "plot": str(plot),
     }
     return common.finish(args, name, result, history, tests)
+
+
+def __getattr__(name):
+    # the original torch.nn.Module SBN, for benchmarks/bench_pyro_disarm.py
+    if name in ("SBN", "make_model_and_guide"):
+        import sbn_module
+
+        return getattr(sbn_module, name)
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":
