@@ -70,6 +70,7 @@ import jax
 from jax import random
 from jax.lax import stop_gradient
 import jax.numpy as jnp
+import numpy as np
 
 import numpyro.distributions as dist
 from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistribution
@@ -253,7 +254,9 @@ def _check_guide_site(msg, owner, supports):
 
 def _check_finite(name, alpha):
     """NaN/inf logits raise where values are concrete (outside jit and grad)."""
-    if not_jax_tracer(alpha) and not bool(jnp.all(jnp.isfinite(alpha))):
+    # numpy, not jnp: a concrete array inside a trace (e.g. a ``lax.map`` body)
+    # would give a traced isfinite
+    if not_jax_tracer(alpha) and not np.all(np.isfinite(np.asarray(alpha))):
         raise ValueError(
             f"Guide site '{name}' has NaN or infinite logits; check the guide's "
             "parameters (e.g. lower the learning rate) or clamp the logits. "
