@@ -350,8 +350,8 @@ def exact_elbo(model, guide, *args, **kwargs):
         if not _is_sample(site) or site["is_observed"]:
             continue
         base = _base(site["fn"])
-        if not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)) or getattr(site["fn"], "has_rsample",
-                                                                     False):
+        discrete = isinstance(base, (Bernoulli, Categorical, OneHotCategorical))
+        if not discrete or getattr(site["fn"], "has_rsample", False):
             raise ValueError(
                 f"exact=True enumerates the guide's discrete sites, but guide site '{name}' "
                 f"is a {type(site['fn']).__name__}, not a Bernoulli, Categorical or "

@@ -23,14 +23,16 @@ init = jax.random.split(jax.random.PRNGKey(1))
 
 def model(x):
     prior = numpyro.param("prior", jnp.zeros(H))
-    w, b = numpyro.param("w", 0.1 * jax.random.normal(init[0], (H, D))), numpyro.param("b", jnp.zeros(D))
+    w = numpyro.param("w", 0.1 * jax.random.normal(init[0], (H, D)))
+    b = numpyro.param("b", jnp.zeros(D))
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Bernoulli(logits=prior).to_event(1))
         numpyro.sample("x", dist.Bernoulli(logits=z @ w + b).to_event(1), obs=x)
 
 
 def guide(x):
-    v, c = numpyro.param("v", 0.1 * jax.random.normal(init[1], (D, H))), numpyro.param("c", jnp.zeros(H))
+    v = numpyro.param("v", 0.1 * jax.random.normal(init[1], (D, H)))
+    c = numpyro.param("c", jnp.zeros(H))
     with numpyro.plate("data", x.shape[0]):
         numpyro.sample("z", dist.Bernoulli(logits=x @ v + c).to_event(1))
 

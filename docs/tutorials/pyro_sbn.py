@@ -39,4 +39,5 @@ for step in range(num_steps):
     loss = svi.step(data)
     if step % 500 == 0 or step == num_steps - 1:
         print(f"step {step:5d}  ELBO per image {-loss / len(data):8.3f}")
-print(f"IWAE bound per image (K=100): {iwae_bound(model, guide, data, num_samples=100) / len(data):.3f}")
+bound = iwae_bound(model, guide, data, num_samples=100)
+print(f"IWAE bound per image (K=100): {bound / len(data):.3f}")

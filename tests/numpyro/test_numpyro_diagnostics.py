@@ -97,7 +97,8 @@ def test_params_argument_and_constraints():
             numpyro.sample("x", dist.Normal(z2, 1.0), obs=x)
 
     table = compare_estimators(KEY, model_pos, guide_pos, X, estimators=[DisARM_ELBO()],
-                               num_samples=2000, exact=True, params={"s": jnp.array(2.0)}, compiler_options=FAST)
+                               num_samples=2000, exact=True, params={"s": jnp.array(2.0)},
+                               compiler_options=FAST)
     row = table["DisARM_ELBO"]
     # gradient w.r.t. the unconstrained u = log s at s = 2 (as SVI differentiates it)
     u_grad = jax.grad(lambda u: -exact_elbo({"s": jnp.exp(u)}, model_pos, guide_pos, X))(
@@ -112,7 +113,8 @@ def test_exact_elbo_matches_oracle():
 
 
 def test_exact_bias_disarm_near_zero_scaled_disarm_clearly_nonzero():
-    table = compare_estimators(KEY, model, guide, X, num_samples=2000, exact=True, compiler_options=FAST,
+    table = compare_estimators(KEY, model, guide, X, num_samples=2000, exact=True,
+                               compiler_options=FAST,
                                estimators={"DisARM": DisARM_ELBO(),
                                            "DisARM x 1.3 (biased)": ScaledDisARM()})
     print(f"\n{table}")
@@ -134,7 +136,8 @@ def test_exact_refuses_continuous_latents():
 
 
 def test_table_prints_aligned_and_converts_to_dict():
-    table = compare_estimators(KEY, model, guide, X, num_samples=5, exact=True, compiler_options=FAST,
+    table = compare_estimators(KEY, model, guide, X, num_samples=5, exact=True,
+                               compiler_options=FAST,
                                estimators={"disarm": DisARM_ELBO(), "tg": TraceGraph_ELBO()})
     lines = str(table).splitlines()
     assert lines[0].split()[:4] == ["estimator", "exec/step", "evals/step", "ms/step"]
