@@ -149,6 +149,7 @@ class VIMCO(_MultiSampleELBO):
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), VIMCO(num_samples=4))
 
     :param int num_samples: :math:`K \\ge 2`.
+
     Other parameters as :class:`~pyro_binary_grads.ARM_ELBO`;
     ``num_particles`` averages independent replicates of the whole estimator.
 
@@ -206,6 +207,7 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
     refused (use :class:`VIMCO`).
 
     :param int num_pairs: :math:`P \\ge 1`.
+
     Other parameters as :class:`~pyro_binary_grads.ARM_ELBO`.
 
     [1] Zhe Dong, Andriy Mnih, George Tucker, "DisARM: An Antithetic Gradient
