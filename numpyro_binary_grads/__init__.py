@@ -7,6 +7,14 @@ ELBO classes for NumPyro::
 """
 
 from .diagnostics import compare_estimators  # noqa: F401  (add to __all__ with test_public_names)
+from .categorical import (
+    GumbelRao_ELBO,
+    GumbelSoftmaxST_ELBO,
+    ReinMax_ELBO,
+    ReinMaxCV_ELBO,
+    ReinMaxRao_ELBO,
+    ST_ELBO,
+)
 from .distributions import OneHotCategorical
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
@@ -16,9 +24,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ARM_ELBO",
     "DisARM_ELBO",
+    "GumbelRao_ELBO",
+    "GumbelSoftmaxST_ELBO",
     "LocalDisARM_IWAE",
     "OneHotCategorical",
     "RLOO_ELBO",
+    "ReinMaxCV_ELBO",
+    "ReinMaxRao_ELBO",
+    "ReinMax_ELBO",
+    "ST_ELBO",
     "VIMCO",
     "iwae_bound",
 ]

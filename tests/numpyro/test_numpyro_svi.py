@@ -31,6 +31,9 @@ def test_public_names():
     assert set(numpyro_binary_grads.__all__) == {
         "ARM_ELBO", "DisARM_ELBO", "LocalDisARM_IWAE", "OneHotCategorical", "RLOO_ELBO",
         "VIMCO", "iwae_bound",
+        # categorical (straight-through family)
+        "GumbelRao_ELBO", "GumbelSoftmaxST_ELBO", "ReinMaxCV_ELBO", "ReinMaxRao_ELBO",
+        "ReinMax_ELBO", "ST_ELBO",
     }
     for cls in (ARM_ELBO, DisARM_ELBO):
         assert cls.can_infer_discrete
