@@ -129,9 +129,11 @@ def site_log_prob(site, detach_discrete=False):
     """The scaled and masked log-prob of a sample site, of its batch shape."""
     fn, value = site["fn"], site["value"]
     if _is_handled_discrete(fn):
-        lp = discrete_log_prob(fn, value)
         if detach_discrete and not site["is_observed"]:
-            lp = lp.detach()
+            with torch.no_grad():  # no graph for a term whose gradient is dropped
+                lp = discrete_log_prob(fn, value)
+        else:
+            lp = discrete_log_prob(fn, value)
     else:
         lp = fn.log_prob(value)
     return scale_and_mask(lp, site["scale"], site["mask"])
