@@ -268,6 +268,7 @@ class RLOO_ELBO(SiteELBO):
         svi = SVI(model, guide, optax.adam(1e-3), RLOO_ELBO(num_samples=4))
 
     :param int num_samples: the number :math:`K \\ge 2` of samples per draw.
+
     Other parameters as :class:`ARM_ELBO`.
 
     [1] Wouter Kool, Herke van Hoof, Max Welling, "Buy 4 REINFORCE Samples,

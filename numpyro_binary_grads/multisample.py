@@ -126,6 +126,7 @@ class VIMCO(_MultiSampleELBO):
         svi = SVI(model, guide, optax.adam(1e-3), VIMCO(num_samples=4))
 
     :param int num_samples: :math:`K \\ge 2`.
+
     Other parameters as :class:`~numpyro_binary_grads.ARM_ELBO`;
     ``num_particles`` averages independent replicates of the whole estimator.
 
@@ -180,6 +181,7 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
     refused (use :class:`VIMCO`).
 
     :param int num_pairs: :math:`P \\ge 1`.
+
     Other parameters as :class:`~numpyro_binary_grads.ARM_ELBO`.
 
     [1] Zhe Dong, Andriy Mnih, George Tucker, "DisARM: An Antithetic Gradient

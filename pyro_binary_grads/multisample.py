@@ -55,12 +55,6 @@ class SampleBound:
         keep = {f.dim for f in frames.values()}
         self.f, self.outside = 0.0, 0.0
         for (side, name), (names, site_frames, t) in evals.terms.items():
-            dims = [t.dim() + d for d in range(-U, 0) if d not in keep and t.shape[d] > 1]
-            if common <= names:
-                if dims:
-                    t = t.sum(dims, keepdim=True)
-                self.f = self.f + t / self.scale
-                continue
             for frame in site_frames:
                 if subsample_scale(frame) != 1.0 and frame.name not in common:
                     raise NotImplementedError(
@@ -69,6 +63,12 @@ class SampleBound:
                         "K-sample bound is only defined for subsampling of the plates "
                         f"common to all latent sites ({sorted(common)})."
                     )
+            dims = [t.dim() + d for d in range(-U, 0) if d not in keep and t.shape[d] > 1]
+            if common <= names:
+                if dims:
+                    t = t.sum(dims, keepdim=True)
+                self.f = self.f + t / self.scale
+                continue
             t0 = t.narrow(edim, 0, 1)
             if t.shape[edim] > 1 and not torch.equal(t.detach(), t0.detach().expand_as(t)):
                 raise ValueError(
