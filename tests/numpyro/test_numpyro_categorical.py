@@ -22,6 +22,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -145,15 +146,15 @@ def hand_gradient(matrix, u, linear=False):
     return np.array(grads), np.array(Ds)
 
 
-def elbo_gradients(elbo, spec, u, v=None):
-    """(loss, d loss / d q_a, d loss / d p_w) of one step per row of the
-    injected noise ``u`` (R, 2, K) (and extra noise ``v`` (R, num, 2, K)),
-    vmapped over the rows under one jit."""
+def elbo_gradients(runs, spec):
+    """For each ``(elbo, u, v)`` of ``runs``: (loss, d loss / d q_a, d loss / d p_w)
+    of one step per row of the injected noise ``u`` (R, 2, K) (and extra noise
+    ``v`` (R, num, 2, K) or None), vmapped over the rows; all runs under one jit."""
     model, guide, args = spec.bind(B)
     params = init_params(spec)
     key = jax.random.PRNGKey(0)
 
-    def one(u, v):
+    def one(elbo, u, v):
         elbo._noise = {"z": u}
         elbo._extra_noise = None if v is None else {"z": v}
         try:
@@ -163,10 +164,13 @@ def elbo_gradients(elbo, spec, u, v=None):
             elbo._noise = elbo._extra_noise = None
         return loss, g["q_a"], g["p_w"]
 
-    u = jnp.asarray(u)
-    v = None if v is None else jnp.asarray(v)
-    out = fast_jit(jax.vmap(one), u, v)
-    return tuple(np.asarray(x) for x in out)
+    def everything(noise):
+        return [jax.vmap(functools.partial(one, elbo))(u, v)
+                for (elbo, _, _), (u, v) in zip(runs, noise)]
+
+    noise = [(jnp.asarray(u), None if v is None else jnp.asarray(v)) for _, u, v in runs]
+    out = fast_jit(everything, noise)
+    return [tuple(np.asarray(x) for x in o) for o in out]
 
 
 def draw_noise(rng, num_extra, rows=3):
@@ -249,16 +253,28 @@ CASES = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def formula_runs():
+    """{(label, vectorize): (u, v, (losses, d q_a, d p_w))} of every case, three
+    noise draws each, both values of ``vectorize``: one jit for all."""
+    rng = np.random.default_rng(11)
+    keys, runs = [], []
+    for label, cls, kw, num_extra, _ in CASES:
+        u, v = draw_noise(rng, num_extra)
+        for vectorize in (True, False):
+            keys.append((label, vectorize))
+            runs.append((getattr(npg, cls)(vectorize=vectorize, **kw), u,
+                         v if num_extra else None))
+    out = elbo_gradients(runs, tiny())
+    return {k: (u, v, o) for k, (_, u, v), o in zip(keys, runs, out)}
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("label,cls,kw,num_extra,matrix", CASES, ids=[c[0] for c in CASES])
 def test_equals_formula(label, cls, kw, num_extra, matrix, vectorize):
-    rng = np.random.default_rng(11)
-    spec = tiny()
-    u, v = draw_noise(rng, num_extra)
-    elbo = getattr(npg, cls)(vectorize=vectorize, **kw)
-    losses, gas, gws = elbo_gradients(elbo, spec, u, v if num_extra else None)
+    u, v, (losses, gas, gws) = formula_runs()[label, vectorize]
     for r in range(u.shape[0]):
-        expected, D = hand_gradient(matrix(v[r]), u[r])
+        expected, D = hand_gradient(matrix(None if v is None else v[r]), u[r])
         np.testing.assert_allclose(gas[r], expected, rtol=0, atol=1e-10, err_msg=label)
         # model parameters: pathwise at the hard sample, -sum_n (y_n - D_n.w) D_n
         np.testing.assert_allclose(gws[r], -((Y - D @ W0)[:, None] * D).sum(0), atol=1e-10)
@@ -312,7 +328,8 @@ def test_extra_noise_shape_error():
     elbo = GumbelRao_ELBO(num_samples=3)
     elbo._extra_noise = {"z": jnp.full((1, 2, K), 0.5)}
     with pytest.raises(ValueError, match="Extra noise for site 'z'"):
-        elbo.loss(jax.random.PRNGKey(0), init_params(spec), model, guide, *args)
+        jax.eval_shape(lambda p: elbo.loss(jax.random.PRNGKey(0), p, model, guide, *args),
+                       init_params(spec))
 
 
 # ---------------------------------------------------------------------------
@@ -330,11 +347,10 @@ def test_reinmax_large_temperature_limit():
         return 2 * J(0.5 * (np.full(K, 1.0 / K) + D)) - 0.5 * J(softmax(a))
 
     u, _ = draw_noise(rng, 0)
-    errors = []
-    for tau in (1e2, 1e4, 1e6):
-        _, ga, _ = elbo_gradients(ReinMax_ELBO(temperature=tau), spec, u)
-        errors.append([np.abs(ga[r] - hand_gradient(limit, u[r])[0]).max()
-                       for r in range(len(u))])
+    taus = (1e2, 1e4, 1e6)
+    out = elbo_gradients([(ReinMax_ELBO(temperature=tau), u, None) for tau in taus], spec)
+    errors = [[np.abs(ga[r] - hand_gradient(limit, u[r])[0]).max() for r in range(len(u))]
+              for _, ga, _ in out]
     errors = np.array(errors)  # (tau, draw)
     print(f"ReinMax distance to the tau -> inf limit at tau = 1e2, 1e4, 1e6: "
           f"{errors.max(1)}")
@@ -347,8 +363,8 @@ def test_gumbel_rao_one_sample_is_st_gumbel_softmax():
     spec = tiny()
     for lam in (0.3, 1.0):
         u, _ = draw_noise(rng, 0)
-        a = elbo_gradients(GumbelRao_ELBO(temperature=lam, num_samples=1), spec, u)
-        b = elbo_gradients(GumbelSoftmaxST_ELBO(temperature=lam), spec, u)
+        a, b = elbo_gradients([(GumbelRao_ELBO(temperature=lam, num_samples=1), u, None),
+                               (GumbelSoftmaxST_ELBO(temperature=lam), u, None)], spec)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-12)
         np.testing.assert_allclose(a[2], b[2], rtol=0, atol=1e-12)
@@ -439,7 +455,7 @@ def test_print_bias():
     names, exact = exact_flat(spec)
     sizes = {k: np.size(v) for k, v in init_params(spec).items()}
     guide = np.array([n.startswith("q_") for n in names for _ in range(sizes[n])])
-    got, runs = gradient_draws([make() for _, make in BIASED], spec, 2000, 30)
+    got, runs = gradient_draws([make() for _, make in BIASED], spec, 1000, 30)
     assert got == names
     print(f"\nexact guide gradient: {np.round(exact[guide], 4)}")
     for (label, _), rows in zip(BIASED, runs):
@@ -472,44 +488,50 @@ def per_element_gradients(elbos, a0, w, n, seed=0):
     """For each ELBO (same key): (n, classes) loss gradients of n independent
     plate elements sharing the logits a0 (each row one independent draw)."""
     k = a0.size
-    w = jnp.asarray(w)
 
-    def guide(y):
+    def guide(y, w):
         a = numpyro.param("q_a", jnp.zeros((n, k)))
         with numpyro.plate("data", n, dim=-1):
             numpyro.sample("z", OneHotCategorical(logits=a))
 
-    def model(y):
+    def model(y, w):
         with numpyro.plate("data", n, dim=-1):
             z = numpyro.sample("z", OneHotCategorical(logits=jnp.zeros(k)))
             numpyro.sample("y", numpyro.distributions.Normal(z @ w, 1.0), obs=y)
 
+    def run(key, params, y, w):
+        return jnp.stack([
+            jax.grad(lambda p: e.loss(key, p, model, guide, y, w))(params)["q_a"]
+            for e in elbos])
+
+    # arrays as arguments, not constants (XLA would constant-fold the model)
     params = {"q_a": jnp.broadcast_to(jnp.asarray(a0), (n, k))}
-    y = jnp.full((n,), 0.3)
-
-    def run(key):
-        return jnp.stack([jax.grad(lambda p: e.loss(key, p, model, guide, y))(params)["q_a"]
-                          for e in elbos])
-
-    return np.asarray(fast_jit(run, jax.random.PRNGKey(seed)))
+    return np.asarray(fast_jit(run, jax.random.PRNGKey(seed), params,
+                               jnp.full((n,), 0.3), jnp.asarray(w)))
 
 
-def variance_ratios(elbos, a0, w, n=20000, blocks=10):
-    """Total variance (summed over classes) of each ELBO over ReinMax's, per
-    block of n / blocks elements: [(mean ratio, its standard error)]."""
-    g = per_element_gradients([ReinMax_ELBO()] + list(elbos), a0, w, n)
+@functools.lru_cache(maxsize=None)
+def variance_ratios(classes, n=20000, blocks=10):
+    """Total variance (summed over classes) of ReinMax-Rao and ReinMax-CV
+    (tau = 1, eta = 1, K = 10) over ReinMax's on the 8-class (``classes=8``)
+    or the 4-class model, per block of n / blocks elements:
+    {name: (mean ratio, its standard error)}."""
+    a0, w = (A8, W8) if classes == 8 else (A0[0], W0)
+    elbos = [ReinMax_ELBO(), ReinMaxRao_ELBO(num_samples=10), ReinMaxCV_ELBO(num_samples=10)]
+    g = per_element_gradients(elbos, a0, w, n)
     g = g.reshape(g.shape[0], blocks, n // blocks, -1)
-    v = g.var(2, ddof=1).sum(-1)  # (1 + len(elbos), blocks)
+    v = g.var(2, ddof=1).sum(-1)  # (3, blocks)
     r = v[1:] / v[0]
-    return [(ri.mean(), ri.std(ddof=1) / np.sqrt(blocks)) for ri in r]
+    se = r.std(1, ddof=1) / np.sqrt(blocks)
+    return {"rao": (r[0].mean(), se[0]), "cv": (r[1].mean(), se[1])}
 
 
 def test_reinmax_rao_variance():
     """Asserted on an 8-class model where it holds (Pyro: ratio 0.85 +- 0.01);
     on the 4-class tiny model the ratio is printed (about 1)."""
-    [(ratio, se)] = variance_ratios([ReinMaxRao_ELBO(num_samples=10)], A8, W8)
+    ratio, se = variance_ratios(8)["rao"]
     print(f"\nVar(ReinMax-Rao tau=1 K=10) / Var(ReinMax), 8 classes: {ratio:.3f} +- {se:.3f}")
-    [(small, small_se)] = variance_ratios([ReinMaxRao_ELBO(num_samples=10)], A0[0], W0)
+    small, small_se = variance_ratios(4)["rao"]
     print(f"Var(ReinMax-Rao tau=1 K=10) / Var(ReinMax), 4 classes: {small:.3f} +- {small_se:.3f}")
     assert ratio + 3 * se < 1
 
@@ -518,9 +540,9 @@ def test_reinmax_rao_variance():
                    "higher gradient variance than ReinMax on these models")
 def test_reinmax_cv_variance():
     out = []
-    for a0, w in ((A8, W8), (A0[0], W0)):
-        [(ratio, se)] = variance_ratios([ReinMaxCV_ELBO(num_samples=10)], a0, w)
-        print(f"\nVar(ReinMax-CV tau=1 eta=1 K=10) / Var(ReinMax), {a0.size} classes: "
+    for classes in (8, 4):
+        ratio, se = variance_ratios(classes)["cv"]
+        print(f"\nVar(ReinMax-CV tau=1 eta=1 K=10) / Var(ReinMax), {classes} classes: "
               f"{ratio:.3f} +- {se:.3f}")
         out.append(ratio)
     assert max(out) < 1
@@ -572,11 +594,35 @@ def pyro_gradients(cls, kw, spec, u, v=None):
 
 @pytest.mark.parametrize("label,cls,kw,num_extra,matrix", CASES, ids=[c[0] for c in CASES])
 def test_pyro_and_numpyro_agree(label, cls, kw, num_extra, matrix):
-    rng = np.random.default_rng(5)
-    spec = tiny()
-    u, v = draw_noise(rng, num_extra, rows=2)
-    v = v if num_extra else None
-    ours = elbo_gradients(getattr(npg, cls)(**kw), spec, u, v)
-    theirs = pyro_gradients(cls, kw, spec, u, v)
+    u, v, ours = formula_runs()[label, True]
+    theirs = pyro_gradients(cls, kw, tiny(), u, v)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-10, err_msg=label)
+
+
+# ---------------------------------------------------------------------------
+# 6. particles and SVI under jit
+# ---------------------------------------------------------------------------
+
+
+def test_particles_and_svi_under_jit():
+    """vmap and lax.map over particles give the same numbers (the extra noise
+    comes from each particle's key); SVI steps run under jit (one jit)."""
+    spec = tiny()
+    model, guide, args = spec.bind(B)
+    params = init_params(spec)
+    svi = numpyro.infer.SVI(model, guide, numpyro.optim.Adam(0.05), GumbelRao_ELBO())
+
+    def run(key):
+        def grads(elbo):
+            return jax.grad(lambda p: elbo.loss(key, p, model, guide, *args))(params)
+
+        state = svi.init(key, *args)
+        _, losses = jax.lax.scan(lambda s, _: svi.update(s, *args), state, None, length=20)
+        return (grads(ReinMaxCV_ELBO(3, True, num_samples=4)),
+                grads(ReinMaxCV_ELBO(3, False, num_samples=4)), losses)
+
+    a, b, losses = fast_jit(run, jax.random.PRNGKey(3))
+    for k in params:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)
+    assert np.all(np.isfinite(np.asarray(losses)))
