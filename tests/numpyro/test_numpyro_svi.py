@@ -30,7 +30,7 @@ B = specs.numpyro_backend()
 def test_public_names():
     assert set(numpyro_binary_grads.__all__) == {
         "ARM_ELBO", "DisARM_ELBO", "LocalDisARM_IWAE", "OneHotCategorical", "RLOO_ELBO",
-        "VIMCO", "iwae_bound",
+        "VIMCO", "iwae_bound", "compare_estimators",
         # categorical (straight-through family)
         "GumbelRao_ELBO", "GumbelSoftmaxST_ELBO", "ReinMaxCV_ELBO", "ReinMaxRao_ELBO",
         "ReinMax_ELBO", "ST_ELBO",

@@ -1,0 +1,26 @@
+"""The two packages mirror each other: same public names, same estimator arguments."""
+
+import inspect
+
+import numpyro_binary_grads
+import pyro_binary_grads
+
+
+def test_same_public_names():
+    assert set(pyro_binary_grads.__all__) == set(numpyro_binary_grads.__all__)
+
+
+def test_same_estimator_arguments():
+    """Estimator arguments (keyword-only) have the same names and defaults;
+    framework arguments follow each framework's ELBO base class."""
+    for name in pyro_binary_grads.__all__:
+        p, n = getattr(pyro_binary_grads, name), getattr(numpyro_binary_grads, name)
+        if not (isinstance(p, type) and name.endswith(("ELBO", "VIMCO", "IWAE"))):
+            continue
+
+        def keyword_only(cls):
+            params = inspect.signature(cls.__init__).parameters.values()
+            return {q.name: q.default for q in params if q.kind is q.KEYWORD_ONLY}
+
+        assert keyword_only(p) == keyword_only(n), name
+        assert "num_particles" in inspect.signature(n.__init__).parameters, name
