@@ -30,9 +30,11 @@ CASES = [
     ("vimco", 3, "sbn", 4000, 30),
     ("vimco", 2, "two_layer", 2000, 30),
     ("vimco", 3, "categorical_plate", 2000, 30),
+    ("vimco", 2, "mixed", 3000, 30),  # reparameterized Normal upstream: pathwise
     ("local_disarm", 2, "scalar", 2000, 30),
     ("local_disarm", 3, "sbn", 5000, 30),
     ("local_disarm", 2, "masked", 5000, 30),
+    ("local_disarm", 2, "mixed", 4000, 30),
 ]
 
 
