@@ -28,8 +28,10 @@ Notation (``ESTIMATORS.md`` section 0): :math:`\\pi = \\mathrm{softmax}(\\alpha)
 output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7.
 """
 
+import math
+
 import torch
-from torch.distributions import Categorical, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import pyro.poutine as poutine
 
@@ -63,6 +65,20 @@ def conditional_gumbel(alpha, D, v):
     top = torch.logsumexp(alpha, -1, keepdim=True) - (logE * D).sum(-1, keepdim=True)
     rest = -torch.logaddexp(logE - alpha, -top)
     return torch.where(D > 0, top, rest)
+
+
+def two_classes(alpha, u, b):
+    """
+    A Bernoulli site as two classes (``ESTIMATORS.md`` section 7, "two-class
+    form"): logits :math:`(\\alpha, 0)`, one-hot sample :math:`(b, 1 - b)` and
+    uniforms whose Gumbels are :math:`(\\mathrm{logit}(u), 0)`, so that
+    :math:`b = 1[\\alpha + \\mathrm{logit}(u) > 0]` is the same sample. Class 0 of
+    a surrogate is then the Bernoulli surrogate, e.g. :math:`\\sigma(\\alpha/\\tau)`.
+    """
+    logit_u = torch.log(u) - torch.log1p(-u)
+    u2 = torch.stack([torch.exp(-torch.exp(-logit_u)), torch.full_like(u, math.exp(-1.0))], -1)
+    alpha2 = torch.stack([alpha, torch.zeros_like(alpha)], -1)
+    return alpha2, u2, torch.stack([b, 1 - b], -1)
 
 
 def held_softmax(alpha, z, tau):
@@ -141,7 +157,10 @@ class _StraightThroughELBO(SiteELBO):
         return plan
 
     def _site_value(self, info, u, alpha, hard):
-        s = self.surrogate(info.name, alpha, u, hard)
+        if info.kind == "bernoulli":
+            s = self.surrogate(info.name, *two_classes(alpha, u, hard))[..., 0]
+        else:
+            s = self.surrogate(info.name, alpha, u, hard)
         return hard + (s - s.detach())
 
     def surrogate(self, name, alpha, u, D):
@@ -203,7 +222,8 @@ _COMMON_PARAMS = """
 
 class ST_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through estimator [1] in its slope-annealed
     form ([2], eq. (5)):
 
@@ -234,13 +254,16 @@ class ST_ELBO(_StraightThroughELBO):
         the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
     """
 
+    supports = (OneHotCategorical, Bernoulli)
+
     def surrogate(self, name, alpha, u, D):
         return torch.softmax(alpha / self.temperature, -1)
 
 
 class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through Gumbel-softmax estimator ([1] Sec. 2.2;
     [2] eq. (6)):
 
@@ -264,6 +287,8 @@ class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
     [2] Max B. Paulus, Chris J. Maddison, Andreas Krause, "Rao-Blackwellizing
         the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
     """
+
+    supports = (OneHotCategorical, Bernoulli)
 
     def surrogate(self, name, alpha, u, D):
         return torch.softmax((alpha + gumbel(u)) / self.temperature, -1)
@@ -321,7 +346,8 @@ class GumbelRao_ELBO(_StraightThroughELBO):
 
 class ReinMax_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by ReinMax [1] (Algorithm 2; formula as in the authors' code,
     ``microsoft/ReinMax``), a second-order (Heun's method) approximation of
     the gradient:
@@ -359,6 +385,8 @@ class ReinMax_ELBO(_StraightThroughELBO):
             )
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          temperature=temperature, vectorize=vectorize, **kwargs)
+
+    supports = (OneHotCategorical, Bernoulli)
 
     def surrogate(self, name, alpha, u, D):
         return reinmax_surrogate(alpha, D, self.temperature)

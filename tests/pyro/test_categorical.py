@@ -240,14 +240,6 @@ def test_categorical_site_error_points_to_one_hot():
         assert "RLOO_ELBO" in str(info.value)
 
 
-def test_bernoulli_site_error():
-    spec = specs.SPECS["scalar"]()
-    init_params(spec)
-    model, guide, args = spec.bind(specs.pyro_backend())
-    with pytest.raises(NotImplementedError, match="handles OneHotCategorical"):
-        ReinMax_ELBO().differentiable_loss(model, guide, *args)
-
-
 def test_argument_errors():
     with pytest.raises(ValueError, match="temperature >= 1"):
         ReinMax_ELBO(temperature=0.5)
@@ -449,3 +441,59 @@ def test_reinmax_cv_variance():
               f"{ratio:.3f} +- {se:.3f}")
         out.append(ratio)
     assert max(out) < 1
+
+
+@pytest.mark.parametrize(
+    "Elbo,tau", [("ST_ELBO", 1.0), ("ST_ELBO", 2.0), ("GumbelSoftmaxST_ELBO", 0.5),
+                 ("ReinMax_ELBO", 1.0), ("ReinMax_ELBO", 2.0)],
+)
+def test_bernoulli_two_class_forms(Elbo, tau):
+    """Bernoulli sites as two classes equal the Bernoulli formulas of
+    ESTIMATORS.md section 7 (ST: sigma(a/tau) sigma(-a/tau)/tau; ST-GS with
+    z = a + logit(u); ReinMax: 2 m(1 - m) - p(1 - p)/2, m = (sigma(a/tau) + b)/2),
+    times df/db, plus the explicit -log q term."""
+    import pyro_binary_grads
+
+    w = torch.tensor([0.9, -0.5, 0.7])
+
+    def model():
+        b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+        pyro.factor("f", ((b * w).sum() - 0.6) ** 2)
+
+    def guide():
+        a = pyro.param("a", torch.tensor([0.4, -0.8, 1.1]))
+        pyro.sample("b", dist.Bernoulli(logits=a).to_event(1))
+
+    u = torch.tensor([0.3, 0.7, 0.2])
+    elbo = getattr(pyro_binary_grads, Elbo)(temperature=tau)
+    elbo._noise = {"b": u}
+    loss = elbo.differentiable_loss(model, guide)
+    a = pyro.param("a").unconstrained()
+    (grad,) = torch.autograd.grad(loss, [a])
+    a = a.detach()
+    sig = torch.sigmoid
+    b = (torch.log(u) - torch.log1p(-u) < a).double()
+    g_b = 2 * ((b * w).sum() - 0.6) * w - a  # d/db of log p(b) + factor - log q(b)
+    if Elbo == "ST_ELBO":
+        slope = sig(a / tau) * sig(-a / tau) / tau
+    elif Elbo == "GumbelSoftmaxST_ELBO":
+        z = a + torch.log(u) - torch.log1p(-u)
+        slope = sig(z / tau) * sig(-z / tau) / tau
+    else:
+        m, p = 0.5 * (sig(a / tau) + b), sig(a)
+        slope = 2 * m * (1 - m) - 0.5 * p * (1 - p)
+    expected = -(slope * g_b) + (b - sig(a))
+    assert (grad - expected).abs().max() < 1e-10
+
+
+def test_bernoulli_refused_where_no_two_class_form_is_defined():
+    import pyro_binary_grads
+
+    def guide():
+        pyro.sample("b", dist.Bernoulli(logits=pyro.param("a", torch.zeros(2))).to_event(1))
+
+    def model():
+        pyro.sample("b", dist.Bernoulli(logits=torch.zeros(2)).to_event(1))
+
+    with pytest.raises(NotImplementedError, match="'b'.*Bernoulli.*GumbelRao_ELBO"):
+        pyro_binary_grads.GumbelRao_ELBO().differentiable_loss(model, guide)
