@@ -34,6 +34,8 @@ so everything runs under ``jit`` and ``vmap`` over keys. The module
 PyTorch.
 """
 
+import math
+
 import jax
 from jax import random
 from jax.lax import stop_gradient
@@ -92,6 +94,20 @@ def conditional_gumbel(alpha, D, v):
     top = jax.nn.logsumexp(alpha, -1, keepdims=True) - jnp.sum(logE * D, -1, keepdims=True)
     rest = -jnp.logaddexp(logE - alpha, -top)
     return jnp.where(D > 0, top, rest)
+
+
+def two_classes(alpha, u, b):
+    """
+    A Bernoulli site as two classes (``ESTIMATORS.md`` section 7, "two-class
+    form"): logits :math:`(\\alpha, 0)`, one-hot sample :math:`(b, 1 - b)` and
+    uniforms whose Gumbels are :math:`(\\mathrm{logit}(u), 0)`, so that
+    :math:`b = 1[\\alpha + \\mathrm{logit}(u) > 0]` is the same sample. Class 0 of
+    a surrogate is then the Bernoulli surrogate, e.g. :math:`\\sigma(\\alpha/\\tau)`.
+    """
+    logit_u = jnp.log(u) - jnp.log1p(-u)
+    u2 = jnp.stack([jnp.exp(-jnp.exp(-logit_u)), jnp.full_like(u, math.exp(-1.0))], -1)
+    alpha2 = jnp.stack([alpha, jnp.zeros_like(alpha)], -1)
+    return alpha2, u2, jnp.stack([b, 1 - b], -1)
 
 
 def held_softmax(alpha, z, tau):
@@ -172,7 +188,10 @@ class _StraightThroughELBO(SiteELBO):
         return plan
 
     def _site_value(self, info, u, alpha, hard):
-        s = self.surrogate(info.name, alpha, u, hard)
+        if info.kind == "bernoulli":
+            s = self.surrogate(info.name, *two_classes(alpha, u, hard))[..., 0]
+        else:
+            s = self.surrogate(info.name, alpha, u, hard)
         return hard + (s - stop_gradient(s))
 
     def surrogate(self, name, alpha, u, D):
@@ -253,7 +272,8 @@ _COMMON_PARAMS = """
 
 class ST_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through estimator [1] in its slope-annealed
     form ([2], eq. (5)):
 
@@ -284,13 +304,16 @@ class ST_ELBO(_StraightThroughELBO):
         the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
     """
 
+    supports = ("onehot", "bernoulli")
+
     def surrogate(self, name, alpha, u, D):
         return jax.nn.softmax(alpha / self.temperature, -1)
 
 
 class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through Gumbel-softmax estimator ([1] Sec. 2.2;
     [2] eq. (6)):
 
@@ -313,6 +336,8 @@ class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
     [2] Max B. Paulus, Chris J. Maddison, Andreas Krause, "Rao-Blackwellizing
         the Straight-Through Gumbel-Softmax Gradient Estimator", ICLR 2021.
     """
+
+    supports = ("onehot", "bernoulli")
 
     def surrogate(self, name, alpha, u, D):
         return jax.nn.softmax((alpha + gumbel(u)) / self.temperature, -1)
@@ -369,7 +394,8 @@ class GumbelRao_ELBO(_StraightThroughELBO):
 
 class ReinMax_ELBO(_StraightThroughELBO):
     """
-    The ELBO with gradients of its ``OneHotCategorical`` guide sites
+    The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
+    ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by ReinMax [1] (Algorithm 2; formula as in the authors' code,
     ``microsoft/ReinMax``), a second-order (Heun's method) approximation of
     the gradient:
@@ -407,6 +433,8 @@ class ReinMax_ELBO(_StraightThroughELBO):
             )
         super().__init__(num_particles, vectorize_particles, temperature=temperature,
                          vectorize=vectorize)
+
+    supports = ("onehot", "bernoulli")
 
     def surrogate(self, name, alpha, u, D):
         return reinmax_surrogate(alpha, D, self.temperature)

@@ -297,12 +297,52 @@ def test_categorical_site_error_points_to_one_hot():
         assert "RLOO_ELBO" in str(info.value)
 
 
-def test_bernoulli_site_error():
+@pytest.mark.parametrize(
+    "name,tau", [("ST_ELBO", 1.0), ("ST_ELBO", 2.0), ("GumbelSoftmaxST_ELBO", 0.5),
+                 ("ReinMax_ELBO", 1.0), ("ReinMax_ELBO", 2.0)],
+)
+def test_bernoulli_two_class_forms(name, tau):
+    """Bernoulli sites as two classes equal the Bernoulli formulas of
+    ESTIMATORS.md section 7 (as the Pyro test), times df/db, plus the explicit
+    -log q term."""
+    import numpyro.distributions as dist
+
+    w = jnp.array([0.9, -0.5, 0.7])
+
+    def model():
+        b = numpyro.sample("b", dist.Bernoulli(logits=jnp.zeros(3)).to_event(1))
+        numpyro.factor("f", ((b * w).sum() - 0.6) ** 2)
+
+    def guide():
+        a = numpyro.param("a", jnp.array([0.4, -0.8, 1.1]))
+        numpyro.sample("b", dist.Bernoulli(logits=a).to_event(1))
+
+    u = jnp.array([0.3, 0.7, 0.2])
+    elbo = getattr(npg, name)(temperature=tau)
+    elbo._noise = {"b": u}
+    params = {"a": jnp.array([0.4, -0.8, 1.1])}
+    grad = jax.grad(lambda p: elbo.loss(jax.random.PRNGKey(0), p, model, guide))(params)["a"]
+    a, sig = params["a"], jax.nn.sigmoid
+    b = (jnp.log(u) - jnp.log1p(-u) < a).astype(a.dtype)
+    g_b = 2 * ((b * w).sum() - 0.6) * w - a
+    if name == "ST_ELBO":
+        slope = sig(a / tau) * sig(-a / tau) / tau
+    elif name == "GumbelSoftmaxST_ELBO":
+        z = a + jnp.log(u) - jnp.log1p(-u)
+        slope = sig(z / tau) * sig(-z / tau) / tau
+    else:
+        m, p = 0.5 * (sig(a / tau) + b), sig(a)
+        slope = 2 * m * (1 - m) - 0.5 * p * (1 - p)
+    expected = -(slope * g_b) + (b - sig(a))
+    assert jnp.abs(grad - expected).max() < 1e-10
+
+
+def test_bernoulli_refused_where_no_two_class_form_is_defined():
     spec = specs.SPECS["scalar"]()
     params = init_params(spec)
     model, guide, args = spec.bind(B)
     with pytest.raises(NotImplementedError, match="handles OneHotCategorical"):
-        ReinMax_ELBO().loss(jax.random.PRNGKey(0), params, model, guide, *args)
+        GumbelRao_ELBO().loss(jax.random.PRNGKey(0), params, model, guide, *args)
 
 
 def test_argument_errors():
