@@ -11,9 +11,9 @@ import pytest
 
 import specs
 
-torch = pytest.importorskip("torch")
-pyro = pytest.importorskip("pyro")
-pytest.importorskip("numpyro")
+import torch  # noqa: E402
+import pyro  # noqa: E402
+import numpyro  # noqa: E402,F401
 
 import pyro_oracle  # noqa: E402
 import numpyro_oracle  # noqa: E402  (enables jax float64)
