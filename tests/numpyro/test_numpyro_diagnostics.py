@@ -1,9 +1,8 @@
 """
 compare_estimators (numpyro_binary_grads.diagnostics): the variance it
 reports equals a direct computation with the same keys; exact=True gives
-near-zero bias for DisARM and clearly non-zero bias for a biased estimator
-(NumPyro has no straight-through ELBO yet: DisARM with its loss scaled by
-1.3, built here); exact_elbo against the test oracle; refusals; the table;
+near-zero bias for DisARM and clearly non-zero bias for ST_ELBO (and for
+DisARM with its loss scaled by 1.3, built here); exact_elbo against the test oracle; refusals; the table;
 the CLI and the NumPyro tutorial script.
 """
 import json
@@ -23,7 +22,7 @@ import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 from numpyro.infer import TraceGraph_ELBO  # noqa: E402
 
-from numpyro_binary_grads import DisARM_ELBO  # noqa: E402
+from numpyro_binary_grads import DisARM_ELBO, OneHotCategorical, RLOO_ELBO, ST_ELBO  # noqa: E402
 from numpyro_binary_grads.compare import main  # noqa: E402
 from numpyro_binary_grads.diagnostics import compare_estimators, exact_elbo  # noqa: E402
 from numpyro_oracle import exact_elbo as oracle_elbo  # noqa: E402
@@ -121,6 +120,31 @@ def test_exact_bias_disarm_near_zero_scaled_disarm_clearly_nonzero():
     good, bad = table["DisARM"], table["DisARM x 1.3 (biased)"]
     assert good.max_abs_z < 5 and good.relative_bias < 0.05
     assert bad.max_abs_z > 10 and bad.relative_bias > 0.2
+
+
+def test_exact_bias_straight_through_clearly_nonzero():
+    """The Pyro test's model: one 3-class OneHotCategorical site in a plate of 2."""
+    x = jnp.array([0.8, -1.5])
+
+    def onehot_model(x):
+        mu = numpyro.param("mu", jnp.array([-1.0, 0.5, 2.0]))
+        with numpyro.plate("n", 2):
+            z = numpyro.sample("z", OneHotCategorical(logits=jnp.zeros(3)))
+            numpyro.sample("x", dist.Normal(z @ mu, 0.7), obs=x)
+
+    def onehot_guide(x):
+        a = numpyro.param("a", jnp.array([[0.3, -0.6, 0.9], [1.0, 0.0, -1.0]]))
+        with numpyro.plate("n", 2):
+            numpyro.sample("z", OneHotCategorical(logits=a))
+
+    table = compare_estimators(KEY, onehot_model, onehot_guide, x, num_samples=1000,
+                               exact=True, compiler_options=FAST,
+                               estimators={"ST": ST_ELBO(), "RLOO": RLOO_ELBO(num_samples=2)})
+    print(f"\n{table}")
+    st, rloo = table["ST"], table["RLOO"]
+    assert st.max_abs_z > 10 and st.relative_bias > 0.2, st.to_dict()
+    assert rloo.max_abs_z < 5  # the unbiased control on the same model
+    assert np.abs(st.z["a"]).max() > 10  # the bias sits in the guide logits
 
 
 def test_exact_refuses_continuous_latents():
