@@ -35,7 +35,6 @@ turn it on); the hand-written step has none.
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import sys

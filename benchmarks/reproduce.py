@@ -16,7 +16,6 @@ continue (runs already there are skipped) and ``--render-only`` rebuilds the fil
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -252,7 +251,6 @@ def main(argv=None):
     log = out_dir / "runs.jsonl"
     runs = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     if not args.render_only:
-        env_note = os.environ.get("XLA_FLAGS", "")
         for name, task, model, est, script, extra in cfgs:
             for seed in budget["seeds"]:
                 if any(r.get("name") == name and r.get("seed") == seed and "error" not in r

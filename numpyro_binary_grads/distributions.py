@@ -8,7 +8,6 @@ which is smooth in ``v`` (valid at relaxed values) and in the logits.
 """
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from numpyro.distributions import constraints

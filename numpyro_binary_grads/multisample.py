@@ -18,7 +18,6 @@ Unlike the single-sample ELBO, the direct term
 guide log-probs stay differentiable inside :math:`f`.
 """
 
-from functools import partial
 import math
 
 import jax
