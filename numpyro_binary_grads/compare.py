@@ -16,11 +16,10 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import TraceGraph_ELBO
 
-from .diagnostics import Comparison, EstimatorReport, compare_estimators, exact_elbo
+from .diagnostics import compare_estimators, exact_elbo
 from .elbo import ARM_ELBO, DisARM_ELBO
 
-__all__ = ["Comparison", "EstimatorReport", "compare_estimators", "exact_elbo",
-           "example_sbn", "main"]
+__all__ = ["compare_estimators", "exact_elbo", "example_sbn", "main"]
 
 
 def example_sbn(num_data=2, num_pixels=6, hidden=(2, 3), seed=0):
