@@ -19,6 +19,7 @@ from .categorical import (
 from .diagnostics import compare_estimators
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
+from .relaxed import RELAX_ELBO, REBAR_ELBO
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "GumbelSoftmaxST_ELBO",
     "LocalDisARM_IWAE",
     "OneHotCategorical",
+    "REBAR_ELBO",
+    "RELAX_ELBO",
     "RLOO_ELBO",
     "ReinMaxCV_ELBO",
     "ReinMaxRao_ELBO",

@@ -302,25 +302,40 @@ class Plan:
     """
     Which configurations an estimator evaluates. Evaluation ``e`` uses noise
     draw ``source[e]`` of every discrete site and takes the antithetic value
-    at the sites ``j`` with ``flips[e][j]``. A non-discrete latent site after
-    ``k`` discrete sites is copied from evaluation ``base[e]`` (same noise
-    draw, no flips) unless one of the first ``k`` sites is flipped in ``e``.
+    at the sites ``j`` with ``flips[e][j]``; ``relax[e][j]`` (optional) marks
+    sites that take a relaxed value instead (1: at the perturbed logits
+    :math:`z`, 2: at the conditional :math:`\\tilde z`; REBAR, RELAX). A
+    non-discrete latent site after ``k`` discrete sites is copied from
+    evaluation ``base[e]`` (same noise draw, no changes) unless one of the
+    first ``k`` sites is flipped or relaxed in ``e``. Evaluations without
+    relaxed sites are the *hard* ones.
     """
 
-    def __init__(self, source, flips, value_fn=None):
-        #: optional ``value_fn(info, u, alpha, hard) -> value``: the value a
-        #: discrete site takes given its noise, logits and hard sample (e.g. a
-        #: straight-through value ``hard + (s - sg(s))``); default the hard one
+    def __init__(self, source, flips, value_fn=None, relax=None):
+        #: optional ``value_fn(info, u, alpha, hard, relax) -> value``: the
+        #: value a discrete site takes given its noise, logits, hard sample and
+        #: relax code (an int, or an int tensor over the evaluation dim), e.g.
+        #: a straight-through value ``hard + (s - sg(s))``; default the hard one
         self.value_fn = value_fn
         self.source = list(source)
         self.flips = [tuple(f) for f in flips]
         self.num_evaluations = len(self.source)
         self.num_draws = max(self.source) + 1
-        unflipped = {}
-        for e, (s, f) in enumerate(zip(self.source, self.flips)):
-            if not any(f):
-                unflipped.setdefault(s, e)
-        self.base = [unflipped.get(s, e) for e, s in enumerate(self.source)]
+        T = len(self.flips[0]) if self.flips else 0
+        self.relax = [tuple(int(x) for x in r) for r in relax] if relax else None
+        if self.relax is None:
+            self.relax = [(0,) * T] * self.num_evaluations
+        #: per evaluation, whether every site takes its hard value
+        self.hard = [not any(r) for r in self.relax]
+        self.changed = [
+            tuple(bool(f) or bool(r) for f, r in zip(fl, rl))
+            for fl, rl in zip(self.flips, self.relax)
+        ]
+        unchanged = {}
+        for e, (s, c) in enumerate(zip(self.source, self.changed)):
+            if not any(c):
+                unchanged.setdefault(s, e)
+        self.base = [unchanged.get(s, e) for e, s in enumerate(self.source)]
         self._cache = {}
 
     @classmethod
@@ -332,6 +347,19 @@ class Plan:
     def independent(cls, K, T):
         """K independent samples (RLOO, VIMCO)."""
         return cls(range(K), [[False] * T] * K)
+
+    @classmethod
+    def relaxed(cls, T):
+        """REBAR/RELAX, per layer (ESTIMATORS.md section 5): the hard path, then
+        for each site ``t`` two evaluations in which the sites before ``t``
+        keep their hard values, site ``t`` is relaxed at :math:`z_t`
+        (evaluation ``2t + 1``) or at :math:`\\tilde z_t` (``2t + 2``), and
+        the sites after it are relaxed at their own :math:`z`: ``1 + 2T``."""
+        relax = [[0] * T]
+        for t in range(T):
+            for code in (1, 2):
+                relax.append([0] * t + [code] + [1] * (T - t - 1))
+        return cls([0] * (1 + 2 * T), [[False] * T] * (1 + 2 * T), relax=relax)
 
     @classmethod
     def antithetic_pairs(cls, P, T):
@@ -347,7 +375,7 @@ class Plan:
         takes its value from."""
         if k not in self._cache:
             self._cache[k] = [
-                e if any(self.flips[e][:k]) else self.base[e]
+                e if any(self.changed[e][:k]) else self.base[e]
                 for e in range(self.num_evaluations)
             ]
         return self._cache[k]
@@ -360,6 +388,7 @@ class Plan:
                 torch.tensor(self.flips, dtype=torch.bool, device=device).reshape(
                     self.num_evaluations, -1
                 ),
+                torch.tensor(self.relax, device=device).reshape(self.num_evaluations, -1),
             )
         return self._cache[key]
 
@@ -458,7 +487,7 @@ class NoiseMessenger(Messenger):
             )
         value = self._value(info, alpha)
         if self.plan.value_fn is not None:
-            value = self.plan.value_fn(info, self._last_u, alpha, value)
+            value = self.plan.value_fn(info, self._last_u, alpha, value, self._last_relax)
         msg["value"] = value
 
     def _value(self, info, alpha):
@@ -467,10 +496,12 @@ class NoiseMessenger(Messenger):
             edim = alpha.dim() - info.alpha_event_dim - (U + 1)
             shape = alpha.shape[:edim] + (plan.num_draws,) + alpha.shape[edim + 1 :]
             u = self._uniform(info, alpha, shape)
-            source, flips = plan.tensors(alpha.device)
+            source, flips, relax = plan.tensors(alpha.device)
             if plan.num_draws > 1:
                 u = u.index_select(edim, source)
-            flip = flips[:, info.index].reshape((-1,) + (1,) * (alpha.dim() - edim - 1))
+            tail = (1,) * (alpha.dim() - edim - 1)
+            flip = flips[:, info.index].reshape((-1,) + tail)
+            self._last_relax = relax[:, info.index].reshape((-1,) + tail)
         else:
             full = _pad(alpha, self.batch_dims + info.alpha_event_dim, info.name)
             edim = full.dim() - info.alpha_event_dim - (U + 1)
@@ -478,6 +509,7 @@ class NoiseMessenger(Messenger):
             u = self._uniform(info, alpha, shape)
             u = u.narrow(edim, plan.source[e], 1).reshape(alpha.shape)
             flip = plan.flips[e][info.index]
+            self._last_relax = plan.relax[e][info.index]
         self._last_u = u
         if info.kind == "bernoulli":
             if e is not None:
@@ -571,6 +603,19 @@ def _terms(model_trace, guide_trace, L, detach_discrete):
     return terms
 
 
+def _detach_hard(terms, structure, plan, U):
+    """Detach the discrete guide sites' log-prob terms on the hard
+    evaluations only (``detach_discrete="hard"``: REBAR and RELAX
+    differentiate their relaxed evaluations totally)."""
+    mask = None
+    for key, (names, frames, t) in terms.items():
+        if key[0] != "guide" or key[1] not in structure.discrete or not t.requires_grad:
+            continue
+        if mask is None:
+            mask = torch.tensor(plan.hard, device=t.device).reshape((-1,) + (1,) * U)
+        terms[key] = (names, frames, torch.where(mask, t.detach(), t))
+
+
 _WRAPPED = {}
 
 
@@ -631,7 +676,11 @@ def run_vectorized(model, guide, args, kwargs, structure, plan, U, noise, seed,
             "Pass vectorize=False to evaluate sequentially, or give the right "
             "max_plate_nesting."
         ) from e
-    terms = _terms(model_trace, guide_trace, L, detach_discrete)
+    if detach_discrete == "hard":
+        terms = _terms(model_trace, guide_trace, L, False)
+        _detach_hard(terms, structure, plan, U)
+    else:
+        terms = _terms(model_trace, guide_trace, L, detach_discrete)
     discrete = OrderedDict(
         (name, (site_logits(guide_trace.nodes[name]["fn"]), guide_trace.nodes[name]["value"]))
         for name in structure.discrete
@@ -660,7 +709,10 @@ def run_sequential(model, guide, args, kwargs, structure, plan, U, noise, seed,
         )
         traces.append(guide_trace)
         runs.append((guide_trace, model_trace))
-    per_eval = [_terms(m, g, L, detach_discrete) for g, m in runs]
+    per_eval = [
+        _terms(m, g, L, plan.hard[e] if detach_discrete == "hard" else detach_discrete)
+        for e, (g, m) in enumerate(runs)
+    ]
     edim = -(U + 1)
     terms = OrderedDict()
     for key, (names, frames, _) in per_eval[0].items():

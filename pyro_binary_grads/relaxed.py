@@ -1,0 +1,543 @@
+"""
+REBAR and RELAX: unbiased estimators whose control variate is the ELBO
+integrand (or a learned function) at a continuous relaxation of the sample.
+
+Notation (``ESTIMATORS.md`` sections 0, 5, 6). A Bernoulli site has logits
+:math:`\\alpha`, perturbed logits :math:`z = \\alpha - \\mathrm{logit}(u)` and
+sample :math:`b = 1[z > 0] = 1[u < \\sigma(\\alpha)]`; a one-hot categorical site has
+:math:`z = \\alpha + G`, :math:`G = -\\log(-\\log u)` and
+:math:`D = \\mathrm{onehot}(\\arg\\max z)`. The relaxed value is
+:math:`\\sigma_\\lambda(z) = \\sigma(z / \\lambda)` (categorical:
+:math:`\\mathrm{softmax}(z / \\lambda)`), :math:`\\tilde z \\sim p(z \\mid b)` the
+conditional perturbation, and with a control variate :math:`c` the estimator
+of the logits' gradient is (REBAR eq. (4); RELAX eq. (8))
+
+.. math::
+    \\hat g_\\alpha = \\big[f(b) - c(\\tilde z)\\big]\\,\\nabla_\\alpha \\log q(b)
+        + \\nabla_\\alpha c(z) - \\nabla_\\alpha c(\\tilde z),
+
+unbiased for every differentiable :math:`c`. REBAR takes
+:math:`c = \\eta\\, f(\\sigma_\\lambda(z))`, RELAX
+:math:`c = \\eta\\, f(\\sigma_\\lambda(z)) + r_\\rho(z)` with a learned
+:math:`r_\\rho`. :math:`\\tilde z` is drawn with the common random numbers of
+REBAR App. G.2 (the noise :math:`v` is derived from :math:`u` and held
+fixed), so :math:`\\tilde z = z` in value and only the gradients differ.
+
+Multi-layer guides use the per-layer scheme of REBAR (main text; the
+reference code's "quadratic" mode): for the :math:`t`-th discrete site, one
+evaluation relaxes it at :math:`z_t` and one at :math:`\\tilde z_t`, with the
+sites before it hard and the sites after it relaxed at their own :math:`z`;
+its control variate multiplies its own score only. A step costs
+:math:`1 + 2T` evaluations, run as one vectorized guide and model execution.
+"""
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical, constraints
+
+import pyro
+import pyro.poutine as poutine
+
+from .elbo import SiteELBO
+from .sites import Plan, _base_dist, is_discrete_latent, score, total_elbo, learning_signal
+
+
+# ---------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------
+
+
+def logistic_noise(u):
+    """:math:`\\mathrm{logit}(1 - u) = -\\mathrm{logit}(u)`: the perturbation with
+    :math:`b = 1[\\alpha - \\mathrm{logit}(u) > 0] = 1[u < \\sigma(\\alpha)]`, the
+    mechanism's sample (``ESTIMATORS.md`` uses :math:`1 - u` for our :math:`u`)."""
+    return torch.log1p(-u) - torch.log(u)
+
+
+def bernoulli_conditional(alpha, u, b):
+    """
+    :math:`\\tilde z \\sim p(z \\mid b)` for a Bernoulli site with the common
+    random numbers of REBAR App. G.2. In the paper's notation (noise
+    :math:`w = 1 - u`, :math:`z = \\alpha + \\mathrm{logit}(w)`,
+    :math:`w' = \\sigma(-\\alpha)`): :math:`v = (w - w')/(1 - w')` if :math:`b = 1`,
+    :math:`v = w / w'` if :math:`b = 0`, held fixed (detached), and (App. C, in
+    the form that reproduces :math:`\\tilde z = z`; ``ESTIMATORS.md`` 11.1)
+
+    .. math::
+        \\tilde z = \\begin{cases}
+            \\mathrm{softplus}(\\mathrm{logit}(v) + \\mathrm{softplus}(\\alpha)) & b = 1 \\\\
+            -\\mathrm{softplus}(-\\mathrm{logit}(v) + \\mathrm{softplus}(-\\alpha)) & b = 0
+        \\end{cases}
+
+    differentiable in ``alpha``; equal to :math:`z` in value.
+    """
+    with torch.no_grad():
+        p = torch.sigmoid(alpha)
+        tiny = torch.finfo(u.dtype).tiny
+        # logit(v), written in u = 1 - w so that it keeps precision near p
+        logit_v = torch.where(
+            b > 0,
+            torch.log((p - u).clamp(min=tiny)) - torch.log(u),
+            torch.log1p(-u) - torch.log((u - p).clamp(min=tiny)),
+        )
+    return torch.where(
+        b > 0,
+        F.softplus(logit_v + F.softplus(alpha)),
+        -F.softplus(-logit_v + F.softplus(-alpha)),
+    )
+
+
+def gumbel_conditional(alpha, u, D):
+    """
+    :math:`\\tilde z \\sim (\\alpha + G \\mid \\arg\\max(\\alpha + G) = D)` for a
+    one-hot categorical site (REBAR App. C, eq. (6); truncated Gumbels for
+    unnormalised logits, :math:`\\Lambda = \\log\\sum_j e^{\\alpha_j}`):
+    :math:`\\tilde z_k = \\Lambda - \\log E_k` at the sampled class and
+    :math:`\\tilde z_i = -\\log(E_i e^{-\\alpha_i} + e^{-\\tilde z_k})` elsewhere, with
+    the exponentials :math:`E` derived from :math:`z = \\alpha + G(u)` and held
+    fixed (the categorical analogue of App. G.2, ``ESTIMATORS.md`` section 5):
+    :math:`\\log E_k = \\Lambda - z_k`,
+    :math:`\\log E_i = \\alpha_i - z_i + \\log(1 - e^{z_i - z_k})`.
+    Differentiable in ``alpha``; equal to ``z`` in value.
+    """
+    with torch.no_grad():
+        a = alpha.detach()
+        z = a - torch.log(-torch.log(u))
+        zk = (z * D).sum(-1, keepdim=True)
+        lse = torch.logsumexp(a, -1, keepdim=True)
+        gap = (z - zk).clamp(max=-torch.finfo(z.dtype).eps)
+        logE = torch.where(D > 0, lse - zk, a - z + torch.log(-torch.expm1(gap)))
+    top = torch.logsumexp(alpha, -1, keepdim=True) - (logE * D).sum(-1, keepdim=True)
+    rest = -torch.logaddexp(logE - alpha, -top)
+    return torch.where(D > 0, top, rest)
+
+
+def perturbed_logits(kind, alpha, u, hard, conditional):
+    """:math:`z` (``conditional=False``) or :math:`\\tilde z` of a site."""
+    if kind == "bernoulli":
+        if conditional:
+            return bernoulli_conditional(alpha, u, hard)
+        return alpha + logistic_noise(u)
+    if conditional:
+        return gumbel_conditional(alpha, u, hard)
+    return alpha - torch.log(-torch.log(u))
+
+
+def relax(kind, z, temperature):
+    """:math:`\\sigma(z/\\lambda)`, or :math:`\\mathrm{softmax}(z/\\lambda)` for one-hot sites."""
+    if kind == "bernoulli":
+        return torch.sigmoid(z / temperature)
+    return torch.softmax(z / temperature, -1)
+
+
+# ---------------------------------------------------------------------------
+# the ELBO classes
+# ---------------------------------------------------------------------------
+
+
+class REBAR_ELBO(SiteELBO):
+    """
+    The ELBO with gradients of its discrete guide sites (``Bernoulli`` and
+    ``OneHotCategorical``) estimated by REBAR [1]: the REINFORCE estimator
+    with the ELBO integrand at the concrete relaxation
+    :math:`c(z) = \\eta\\, f(\\sigma_\\lambda(z))` as a control variate, made
+    unbiased by the conditional reparameterization :math:`\\tilde z \\mid b`
+    ([1] eq. (4), with the terms of App. G.2):
+
+    .. math::
+        \\hat g_\\alpha = \\big[f(b) - \\eta f(\\sigma_\\lambda(\\tilde z))\\big]
+            \\nabla_\\alpha \\log q(b)
+            + \\eta\\nabla_\\alpha f(\\sigma_\\lambda(z))
+            - \\eta\\nabla_\\alpha f(\\sigma_\\lambda(\\tilde z)).
+
+    The relaxed integrand is differentiated totally, the relaxed
+    :math:`-\\log q_\\phi(\\sigma_\\lambda(z))` included (``ESTIMATORS.md`` 0.2);
+    its score term uses the plate-local learning signal of each element.
+    Model parameters and reparameterized sites get pathwise gradients at the
+    hard sample. :math:`\\tilde z` uses the common random numbers of App. G.2
+    (categorical: App. C with the analogous coupling).
+
+    **Multi-layer guides** use [1]'s per-layer scheme (main text): for the
+    :math:`t`-th discrete site one evaluation relaxes it at :math:`z_t` and
+    one at :math:`\\tilde z_t`, sites before it hard, sites after it relaxed
+    at their own :math:`z`; :math:`1 + 2T` evaluations per step, run as one
+    vectorized guide and model execution. (The single coupled pair of fully
+    relaxed passes of App. F is not offered: with relaxed upstream values the
+    conditional :math:`\\tilde z_t \\mid b_t` no longer matches the hard path.)
+
+    **Adapting** :math:`\\lambda` **and** :math:`\\eta` ([1] Sec. 3.3; RELAX eq. (6)):
+    with ``adapt=True`` each discrete site has its own temperature
+    :math:`\\lambda > 0` and scale :math:`\\eta \\in (0, 2)` (initialised at
+    ``temperature`` and ``eta``), declared as Pyro params
+    ``_bg_<site>_temperature`` and ``_bg_<site>_eta`` by :meth:`wrap_guide`,
+    and trained by the optimizer you pass to SVI on the single-sample variance
+    gradient :math:`\\nabla_{\\lambda,\\eta} \\overline{\\hat g_\\phi^2}` (the
+    mean square of the estimator's gradient over the guide's parameters,
+    by double backpropagation) instead of the ELBO gradient::
+
+        elbo = REBAR_ELBO()
+        svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-3}), elbo)
+
+    With ``adapt=False`` they stay fixed and no wrapping is needed
+    (``REBAR_ELBO(temperature=0.1, adapt=False)`` is "REBAR (0.1)" of [1]).
+
+    The model and guide are run at relaxed values in :math:`(0, 1)` (one-hot
+    sites: on the simplex): write them so that such values flow through
+    (e.g. matrix products). Discrete log-probs are computed from the logits
+    and accept relaxed values; Pyro's validation is off inside these
+    evaluations only. Integer ``Categorical`` sites raise an error pointing to
+    ``OneHotCategorical``.
+
+    :param float temperature: the (initial) temperature :math:`\\lambda > 0`.
+    :param float eta: the (initial) control-variate scale :math:`\\eta`
+        (in :math:`(0, 2)` when adapted).
+    :param bool adapt: train :math:`\\lambda, \\eta` on the variance gradient.
+
+    Other parameters as :class:`~pyro_binary_grads.ARM_ELBO`.
+
+    [1] George Tucker, Andriy Mnih, Chris J. Maddison, Dieterich Lawson,
+        Jascha Sohl-Dickstein, "REBAR: Low-variance, unbiased gradient
+        estimates for discrete latent variable models", NeurIPS 2017.
+    """
+
+    supports = (Bernoulli, OneHotCategorical)
+    detach_discrete = "hard"
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, temperature=0.5, eta=1.0, adapt=True,
+                 vectorize=True, **kwargs):
+        if not temperature > 0:
+            raise ValueError(f"{type(self).__name__} needs temperature > 0, got {temperature}.")
+        if adapt and not 0 < eta < 2:
+            raise ValueError(
+                f"{type(self).__name__}(adapt=True) keeps eta in (0, 2); got eta={eta}. "
+                "Pass adapt=False to use a fixed eta outside that range."
+            )
+        self.temperature = float(temperature)
+        self.eta = float(eta)
+        self.adapt = adapt
+        self._sites = None  # discrete site names and shapes, found by the wrapper
+        self._psi = None  # {site: (temperature, eta)} of the current step
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         vectorize=vectorize, **kwargs)
+
+    # -- adapted parameters -------------------------------------------------
+
+    @property
+    def adapts(self):
+        """Whether this ELBO has parameters trained on the variance gradient."""
+        return self.adapt
+
+    def param_name(self, site, what):
+        return f"_bg_{site}_{what}"
+
+    def wrap_guide(self, guide):
+        """
+        Returns ``guide`` preceded by the declaration of this ELBO's adapted
+        parameters (``pyro.param`` sites named ``_bg_<site>_...``), so that SVI
+        optimizes them with everything else. Pass the wrapped guide to SVI.
+        """
+
+        @functools.wraps(guide)
+        def wrapped(*args, **kwargs):
+            self._declare(guide, args, kwargs)
+            return guide(*args, **kwargs)
+
+        wrapped._bg_elbo = self
+        return wrapped
+
+    def _find_sites(self, guide, args, kwargs):
+        if self._sites is None:
+            with poutine.block():
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            self._sites = [
+                (name, site["fn"]) for name, site in trace.nodes.items()
+                if site["type"] == "sample" and is_discrete_latent(site)
+            ]
+        return self._sites
+
+    def _declare(self, guide, args, kwargs):
+        if not self.adapts:
+            return
+        for name, fn in self._find_sites(guide, args, kwargs):
+            self._declare_site(name, fn)
+
+    def _declare_site(self, name, fn):
+        if self.adapt:
+            pyro.param(self.param_name(name, "temperature"),
+                       lambda: torch.tensor(self.temperature), constraint=constraints.positive)
+            pyro.param(self.param_name(name, "eta"), lambda: torch.tensor(self.eta),
+                       constraint=constraints.interval(0.0, 2.0))
+
+    def _setup(self, model, guide, args, kwargs):
+        if self._structure is not None:
+            return
+        with poutine.block():
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or not is_discrete_latent(site):
+                continue
+            base = _base_dist(site["fn"])
+            if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
+                raise NotImplementedError(
+                    f"Guide site '{name}' is a Categorical (integer-valued) site. "
+                    f"{type(self).__name__} evaluates the model at relaxed one-hot "
+                    "values; write the site as a OneHotCategorical (and use the "
+                    "one-hot value in model and guide), or use RLOO_ELBO / VIMCO."
+                )
+            prefix = self.param_name(name, "")
+            if self.adapts and not any(n.startswith(prefix) for n in trace.nodes):
+                raise ValueError(
+                    f"{type(self).__name__} adapts parameters of guide site '{name}' "
+                    "on the variance gradient, but the guide does not declare them. "
+                    "Pass guide = elbo.wrap_guide(guide) to SVI (and to this ELBO), or "
+                    "use adapt=False."
+                )
+        super()._setup(model, guide, args, kwargs)
+
+    def _fetch_psi(self):
+        """This step's temperature and eta per site, as tensors in the graph."""
+        store = pyro.get_param_store()
+        psi = {}
+        for name in self._structure.discrete:
+            if self.adapt:
+                psi[name] = (store[self.param_name(name, "temperature")],
+                             store[self.param_name(name, "eta")])
+            else:
+                psi[name] = (self.temperature, self.eta)
+        return psi
+
+    # -- mechanism hooks ----------------------------------------------------
+
+    def plan(self, num_sites):
+        plan = Plan.relaxed(num_sites)
+        plan.value_fn = self._site_value
+        return plan
+
+    def _site_value(self, info, u, alpha, hard, code):
+        if self._psi is None:
+            self._psi = self._fetch_psi()
+        lam = self._psi[info.name][0]
+        if isinstance(code, int):
+            if code == 0:
+                return hard
+            return relax(info.kind, perturbed_logits(info.kind, alpha, u, hard, code == 2), lam)
+        z = perturbed_logits(info.kind, alpha, u, hard, False)
+        zt = perturbed_logits(info.kind, alpha, u, hard, True)
+        return torch.where(code == 0, hard,
+                           relax(info.kind, torch.where(code == 2, zt, z), lam))
+
+    def control_variate(self, info, u, alpha, b, a, c):
+        """The learned part :math:`r(z), r(\\tilde z)` of the control variate
+        (evaluations ``a`` and ``c``); none for REBAR."""
+        return None
+
+    def value_and_surrogate(self, evals, structure, plate_nesting):
+        U = plate_nesting
+        self._guide_param_names = [
+            n for n, site in evals.guide_trace.nodes.items() if site["type"] == "param"
+        ]
+        f = total_elbo(evals, U)
+        P = f.numel() // f.shape[-1]
+        value = f[..., 0].mean()
+        surr = value
+        live = torch.is_grad_enabled() and self.adapts
+        for info in structure.discrete.values():
+            lam, eta = self._psi[info.name]
+            a, c = 2 * info.index + 1, 2 * info.index + 2
+            alpha, v = evals.discrete[info.name]
+            signal = learning_signal(evals, info, U)
+            signal = signal.reshape(signal.shape + (1,) * info.event_dim)
+            d = -(U + 1) - info.event_dim
+            alpha0 = alpha.narrow(d, 0, 1)
+            b = v.narrow(d, 0, 1).detach()
+            u = evals.noise[info.name].reshape(alpha0.shape)
+            coef = signal.narrow(d, 0, 1).detach() - eta * (
+                signal.narrow(d, c, 1) if live else signal.narrow(d, c, 1).detach()
+            )
+            r = self.control_variate(info, u, alpha, b, a, c)
+            if r is not None:
+                r_z, r_zt = r
+                coef = coef - r_zt
+                surr = surr + (r_z - r_zt).sum() / P
+            coef = coef * score(info, alpha0, b)
+            if live or r is not None:
+                surr = surr + ((alpha0 - alpha0.detach()) * coef).sum() / P
+            else:
+                surr = surr + (alpha0 * coef.detach()).sum() / P
+            surr = surr + eta * (f[..., a] - f[..., c]).sum() / P
+        return value, surr
+
+    # -- the variance gradient ----------------------------------------------
+
+    def adapted_tensors(self):
+        """The tensors trained on the variance gradient in this step."""
+        if not self.adapt:
+            return []
+        return [t for pair in self._psi.values() for t in pair]
+
+    def _value_and_surrogate(self, model, guide, args, kwargs):
+        self._setup(model, guide, args, kwargs)
+        self._psi = self._fetch_psi()
+        loss, surr = super()._value_and_surrogate(model, guide, args, kwargs)
+        psi = self.adapted_tensors()
+        if psi and torch.is_grad_enabled() and surr.requires_grad:
+            surr = surr + self._variance_term(surr, psi)
+        return loss, surr
+
+    def _variance_term(self, surr, psi):
+        """
+        ``sum(psi * sg(dVar/dpsi - dS/dpsi))``, value 0: with it the surrogate's
+        gradient w.r.t. the adapted tensors ``psi`` is the single-sample
+        variance gradient :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}`
+        (RELAX eq. (6)) instead of the ELBO gradient.
+        """
+        store = pyro.get_param_store()
+        adapted = {id(t) for t in psi}
+        names = {n for n in store.keys() if n.startswith("_bg_")}
+        guide_params = [
+            store._params[n] for n in self._guide_param_names if n not in names
+        ]
+        guide_params = [p for p in guide_params if p.requires_grad]
+        grads = torch.autograd.grad(surr, guide_params, create_graph=True, allow_unused=True)
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return 0.0
+        n = sum(g.numel() for g in grads)
+        var = sum((g * g).sum() for g in grads) / n
+        dvar = torch.autograd.grad(var, psi, retain_graph=True, allow_unused=True)
+        ds = torch.autograd.grad(surr, psi, retain_graph=True, allow_unused=True)
+        term = 0.0
+        for t, gv, gs in zip(psi, dvar, ds):
+            assert id(t) in adapted
+            step = (gv if gv is not None else 0.0) - (gs if gs is not None else 0.0)
+            if torch.is_tensor(step):
+                term = term + (t * step.detach()).sum()
+        return term - (term.detach() if torch.is_tensor(term) else 0.0)
+
+
+class ControlVariateNet(nn.Module):
+    """
+    The default learned part :math:`r_\\rho(z)` of :class:`RELAX_ELBO`'s control
+    variate for one site: an MLP on the site's perturbed logits (event dims
+    flattened) with one hidden layer of ``hidden_size`` LeakyReLU(0.3) units
+    (the DisARM authors' RELAX reimplementation uses 137), returning one value
+    per batch element. The output layer starts at zero, so training starts
+    from REBAR's control variate.
+    """
+
+    def __init__(self, input_size, hidden_size=137, event_dim=1):
+        super().__init__()
+        self.event_dim = event_dim
+        self.hidden = nn.Linear(input_size, hidden_size)
+        self.out = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z):
+        z = z.reshape(z.shape[: z.dim() - self.event_dim] + (-1,)) if self.event_dim else z[..., None]
+        return self.out(F.leaky_relu(self.hidden(z), 0.3)).squeeze(-1)
+
+
+class RELAX_ELBO(REBAR_ELBO):
+    """
+    The ELBO with gradients of its discrete guide sites (``Bernoulli`` and
+    ``OneHotCategorical``) estimated by RELAX [1] (Sec. 3.2, eq. (8) of the
+    camera-ready version) with the control variate of its VAE experiments,
+
+    .. math::
+        c_\\psi(z) = \\eta\\, f(\\sigma_\\lambda(z)) + r_\\rho(z),
+        \\qquad
+        \\hat g_\\alpha = \\big[f(b) - c_\\psi(\\tilde z)\\big]\\nabla_\\alpha\\log q(b)
+            + \\nabla_\\alpha c_\\psi(z) - \\nabla_\\alpha c_\\psi(\\tilde z),
+
+    unbiased for any :math:`\\psi` ([1] App. A). The network :math:`r_\\rho`
+    (one per discrete site) and, with ``adapt=True``, :math:`\\lambda` and
+    :math:`\\eta` are trained on the single-sample variance gradient
+    :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}` ([1] eq. (6)) by the
+    optimizer you pass to SVI; they are declared by :meth:`wrap_guide`, which
+    is required::
+
+        elbo = RELAX_ELBO()
+        svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-3}), elbo)
+
+    Everything else (conditional noise, per-layer scheme with
+    :math:`1 + 2T` evaluations, plate-local signals, relaxed values in the
+    model) as :class:`REBAR_ELBO`; the network adds two evaluations of
+    :math:`r_\\rho` per site. :math:`r_\\rho(z)` returns one value per element
+    of the site's plates; its input is the site's perturbed logits
+    :math:`z` (batch shape plus event shape).
+
+    :param control_variate: ``None`` for a :class:`ControlVariateNet` per
+        site, a ``torch.nn.Module`` used for every site, or a dict from site
+        name to module.
+    :param int hidden_size: hidden units of the default network.
+
+    Other parameters as :class:`REBAR_ELBO`.
+
+    [1] Will Grathwohl, Dami Choi, Yuhuai Wu, Geoffrey Roeder, David
+        Duvenaud, "Backpropagation through the Void: Optimizing control
+        variates for black-box gradient estimation", ICLR 2018.
+    """
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
+                 vectorize_particles=False, *, control_variate=None, hidden_size=137,
+                 temperature=0.5, eta=1.0, adapt=True, vectorize=True, **kwargs):
+        self.hidden_size = hidden_size
+        self._nets = {}
+        self._user_nets = control_variate
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles,
+                         temperature=temperature, eta=eta, adapt=adapt,
+                         vectorize=vectorize, **kwargs)
+
+    @property
+    def adapts(self):
+        return True
+
+    def _net(self, name, fn):
+        if name not in self._nets:
+            user = self._user_nets
+            if isinstance(user, dict):
+                if name not in user:
+                    raise ValueError(
+                        f"RELAX_ELBO's control_variate dict has no network for guide "
+                        f"site '{name}' (it has {sorted(user)})."
+                    )
+                net = user[name]
+            elif user is not None:
+                net = user
+            else:
+                event_shape = fn.event_shape
+                size = int(torch.Size(event_shape).numel()) if event_shape else 1
+                net = ControlVariateNet(size, self.hidden_size, len(event_shape))
+                net = net.to(dtype=torch.get_default_dtype())
+            self._nets[name] = net
+        return self._nets[name]
+
+    def _declare_site(self, name, fn):
+        super()._declare_site(name, fn)
+        pyro.module(self.param_name(name, "control_variate"), self._net(name, fn))
+
+    def _setup(self, model, guide, args, kwargs):
+        if self._structure is None and not hasattr(guide, "_bg_elbo"):
+            raise ValueError(
+                "RELAX_ELBO trains a control-variate network per discrete guide site, "
+                "declared by its wrapper: pass guide = elbo.wrap_guide(guide) to SVI "
+                "(and to this ELBO)."
+            )
+        super()._setup(model, guide, args, kwargs)
+
+    def adapted_tensors(self):
+        params = [p for net in self._nets.values() for p in net.parameters()]
+        return super().adapted_tensors() + params
+
+    def control_variate(self, info, u, alpha, b, a, c):
+        d = -(self._user_plate_nesting + 1) - info.alpha_event_dim
+        net = self._nets[info.name]
+        z = perturbed_logits(info.kind, alpha.narrow(d, a, 1), u, b, False)
+        zt = perturbed_logits(info.kind, alpha.narrow(d, c, 1), u, b, True)
+        shape = z.shape[: z.dim() - info.alpha_event_dim] + (1,) * info.event_dim
+        return net(z).reshape(shape), net(zt).reshape(shape)
