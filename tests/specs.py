@@ -79,6 +79,7 @@ def pyro_backend():
         zeros=lambda shape: torch.zeros(shape, dtype=fdt()),
         ones=lambda shape: torch.ones(shape, dtype=fdt()),
         one_hot=lambda idx, k: torch.nn.functional.one_hot(idx, k).to(fdt()),
+        OneHotCategorical=dist.OneHotCategorical,
     )
     return B
 
@@ -121,6 +122,7 @@ def numpyro_backend():
         zeros=lambda shape: jnp.zeros(shape, dtype=jnp.result_type(float)),
         ones=lambda shape: jnp.ones(shape, dtype=jnp.result_type(float)),
         one_hot=lambda idx, k: jax.nn.one_hot(idx, k, dtype=jnp.result_type(float)),
+        OneHotCategorical=__import__("numpyro_binary_grads").OneHotCategorical,
     )
     return B
 
@@ -489,6 +491,56 @@ def categorical_plate():
 
 
 # --------------------------------------------------------------------------------------------
+# (k) OneHotCategorical guide sites (one-hot values used in matrix products)
+# --------------------------------------------------------------------------------------------
+
+def onehot_plate():
+    N = 2
+    y = np.array([0.8, -0.4])
+
+    def guide(B, y):
+        a = B.param("q_a", np.array([[0.4, -0.3, 0.1], [-0.6, 0.2, 0.5]]))
+        with B.plate("data", N, dim=-1):
+            B.sample("z", B.OneHotCategorical(logits=a))
+
+    def model(B, y):
+        p = B.param("p_logits", np.array([0.1, 0.0, -0.1]))
+        mu = B.param("p_mu", np.array([-1.0, 0.0, 1.0]))
+        with B.plate("data", N, dim=-1):
+            z = B.sample("z", B.OneHotCategorical(logits=p))
+            B.sample("y", B.dist.Normal(B.sum(z * mu, -1), 1.0), obs=y)
+
+    return Spec("onehot_plate", model, guide, (y,), doc="a 3-class one-hot site in a plate of 2")
+
+
+def onehot_two_layer():
+    N = 2
+    y = np.array([0.5, -0.9])
+    r = _rng(6)
+    qT = r.uniform(-1.0, 1.0, (3, 4))
+    pU = r.uniform(-1.0, 1.0, (4, 3))
+
+    def guide(B, y):
+        a1 = B.param("q_a1", np.array([[0.4, -0.3, 0.1], [-0.2, 0.6, -0.5]]))
+        T = B.param("q_T", qT)
+        with B.plate("data", N, dim=-1):
+            z1 = B.sample("z1", B.OneHotCategorical(logits=a1))
+            B.sample("z2", B.OneHotCategorical(logits=B.matmul(z1, T)))
+
+    def model(B, y):
+        p2 = B.param("p_2", np.array([0.2, -0.2, 0.3, -0.3]))
+        U = B.param("p_U", pU)
+        mu = B.param("p_mu", np.array([-1.0, 0.0, 1.0]))
+        with B.plate("data", N, dim=-1):
+            z2 = B.sample("z2", B.OneHotCategorical(logits=p2))
+            z1 = B.sample("z1", B.OneHotCategorical(logits=B.matmul(z2, U)))
+            B.sample("y", B.dist.Normal(B.sum(z1 * mu, -1) + 0.3 * z2[..., 0], 1.0), obs=y)
+
+    return Spec("onehot_two_layer", model, guide, (y,),
+                doc="guide z1 -> z2 (3 and 4 classes), model z2 -> z1 -> y, plate of 2")
+
+
+# --------------------------------------------------------------------------------------------
 # scale handlers
 # --------------------------------------------------------------------------------------------
 
@@ -532,10 +584,12 @@ SPECS = {
     "categorical": categorical,
     "categorical_plate": categorical_plate,
     "scaled": scaled,
+    "onehot_plate": onehot_plate,
+    "onehot_two_layer": onehot_two_layer,
 }
 
 DISCRETE_SPECS = [k for k, f in SPECS.items() if f().discrete]
-BERNOULLI_SPECS = [k for k in SPECS if not k.startswith("categorical")]
+BERNOULLI_SPECS = [k for k in SPECS if not k.startswith(("categorical", "onehot"))]
 
 
 # --------------------------------------------------------------------------------------------

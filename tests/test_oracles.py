@@ -144,9 +144,9 @@ def test_spec_guide_logits_bounded(name):
     n = 0
     for site in tr.nodes.values():
         kind = pyro_oracle._kind(site["fn"]) if site["type"] == "sample" else None
-        if kind in ("bernoulli", "categorical"):
+        if kind in ("bernoulli", "categorical", "onehot"):
             logits = pyro_oracle._unwrap(site["fn"])[0].logits
-            if kind == "categorical":  # torch normalizes categorical logits: centre them
+            if kind != "bernoulli":  # torch normalizes categorical logits: centre them
                 logits = logits - logits.mean(-1, keepdim=True)
             assert logits.abs().max().item() <= 2.0, (site["name"], logits)
             n += 1
