@@ -1,0 +1,209 @@
+"""
+REBAR_ELBO and RELAX_ELBO: unbiasedness against the exact gradient for fixed
+temperature and eta (several values, eta = 0 and a bad temperature included),
+Bernoulli and one-hot sites, one and two layers; the variance gradient; errors;
+SVI with the wrapped guide.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+from pyro.infer import SVI
+
+import specs
+import stats
+from pyro_oracle import init_params
+from test_unbiased import check, exact_flat, flat_grads
+from pyro_binary_grads import REBAR_ELBO, RELAX_ELBO
+
+
+def draws_of(elbo, spec, names, calls=30, relax_std=None):
+    model, guide, args = spec.bind(specs.pyro_backend())
+    if isinstance(elbo, RELAX_ELBO):
+        guide = elbo.wrap_guide(guide)
+        guide(*args)  # declares the networks
+        gen = torch.Generator().manual_seed(3)
+        for net in elbo._nets.values():  # a fixed random control variate
+            with torch.no_grad():
+                net.out.weight.copy_(relax_std * torch.randn(net.out.weight.shape, generator=gen))
+    rows = [flat_grads(elbo.differentiable_loss(model, guide, *args), names) for _ in range(calls)]
+    return stats.batch_means(np.stack(rows), 30)
+
+
+REBAR_CASES = [
+    # (spec, temperature, eta, particles per call)
+    ("scalar", 0.5, 1.0, 2000),
+    ("scalar", 0.5, 0.0, 2000),
+    ("sbn", 0.5, 1.0, 2000),
+    ("sbn", 5.0, 1.5, 4000),  # a bad temperature: still unbiased
+    ("nested", 0.5, 1.0, 2000),
+    ("masked", 0.5, 1.0, 2000),
+    ("mixed", 0.5, 1.0, 2000),
+    ("scaled", 0.1, 1.0, 2000),
+    ("zero_logits", 0.5, 1.0, 2000),
+    ("two_layer", 0.3, 0.7, 2000),
+    ("onehot_plate", 0.5, 1.0, 2000),
+    ("onehot_two_layer", 0.5, 1.0, 2000),
+]
+
+
+@pytest.mark.parametrize("spec_name,temperature,eta,particles", REBAR_CASES)
+def test_rebar_unbiased(spec_name, temperature, eta, particles):
+    spec = specs.SPECS[spec_name]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = REBAR_ELBO(num_particles=particles, vectorize_particles=True,
+                      temperature=temperature, eta=eta, adapt=False)
+    check(draws_of(elbo, spec, names), exact, f"REBAR({temperature}, {eta}) {spec_name}")
+
+
+def test_rebar_unbiased_sequential_and_particle_loop():
+    spec = specs.SPECS["two_layer"]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = REBAR_ELBO(num_particles=2000, vectorize_particles=True, vectorize=False,
+                      temperature=0.5, adapt=False)
+    check(draws_of(elbo, spec, names), exact, "REBAR two_layer vectorize=False")
+
+
+def test_rebar_float32():
+    spec = specs.SPECS["sbn"]()
+    names, exact = exact_flat(spec)
+    torch.set_default_dtype(torch.float32)
+    init_params(spec)
+    store = pyro.get_param_store()
+    for k in names:  # float32 copies of the float64 initial values
+        store[k] = store[k].detach().float()
+    elbo = REBAR_ELBO(num_particles=2000, vectorize_particles=True, adapt=False)
+    check(draws_of(elbo, spec, names), exact, "REBAR sbn float32")
+
+
+@pytest.mark.parametrize("spec_name", ["sbn", "onehot_plate", "two_layer"])
+def test_relax_unbiased_with_a_random_network(spec_name):
+    spec = specs.SPECS[spec_name]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = RELAX_ELBO(num_particles=2000, vectorize_particles=True, temperature=0.5,
+                      adapt=False, hidden_size=16)
+    check(draws_of(elbo, spec, names, relax_std=0.1), exact, f"RELAX {spec_name}")
+
+
+def test_scaled_estimator_fails_the_check():
+    """The check has power: REBAR scaled by 1.1 fails it (fixed seeds)."""
+    spec = specs.SPECS["sbn"]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = REBAR_ELBO(num_particles=2000, vectorize_particles=True, adapt=False)
+    draws = 1.1 * draws_of(elbo, spec, names)
+    with pytest.raises(AssertionError, match="biased"):
+        check(draws, exact, "REBAR x1.1")
+
+
+# ---------------------------------------------------------------------------
+# the variance gradient
+# ---------------------------------------------------------------------------
+
+
+def guide_gradient_variance(elbo, model, guide, args, names, calls=200):
+    rows = [flat_grads(elbo.differentiable_loss(model, guide, *args), names) for _ in range(calls)]
+    return np.var(np.stack(rows), axis=0, ddof=1).sum()
+
+
+@pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
+def test_adapting_lowers_the_variance(cls):
+    """Training temperature, eta (and RELAX's network) on the variance gradient
+    from bad starting values lowers the variance of the guide gradient."""
+    spec = specs.SPECS["sbn"]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    elbo = cls(temperature=5.0, eta=0.3, num_particles=8, vectorize_particles=True)
+    guide = elbo.wrap_guide(guide)
+    guide_names = [n for n in pyro.get_param_store().keys() if n.startswith("q_")]
+    torch.manual_seed(0)
+    before = guide_gradient_variance(elbo, model, guide, args, guide_names)
+    store = pyro.get_param_store()
+    psi = [store._params[n] for n in store.keys() if n.startswith("_bg_")]
+    assert psi
+    optim = torch.optim.Adam(psi, lr=0.05)
+    for _ in range(60):
+        optim.zero_grad()
+        elbo.loss_and_grads(model, guide, *args)
+        optim.step()
+    torch.manual_seed(0)
+    after = guide_gradient_variance(elbo, model, guide, args, guide_names)
+    lam = store["_bg_b_temperature"].item()
+    eta = store["_bg_b_eta"].item()
+    print(f"{cls.__name__}: variance after / before adapting = {after / before:.3f} "
+          f"(temperature 5.0 -> {lam:.3f}, eta 0.3 -> {eta:.3f})")
+    assert after / before < 1
+
+
+def test_variance_term_leaves_value_and_elbo_gradient_unchanged():
+    spec = specs.SPECS["sbn"]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    names = [n for n in pyro.get_param_store().keys() if not n.startswith("_bg_")]
+    fixed = REBAR_ELBO(num_particles=4, vectorize_particles=True, adapt=False)
+    adapted = REBAR_ELBO(num_particles=4, vectorize_particles=True)
+    wrapped = adapted.wrap_guide(guide)
+    fixed.loss(model, guide, *args)  # set-up runs (and draws) before seeding
+    adapted.loss(model, wrapped, *args)
+    torch.manual_seed(1)
+    l1 = fixed.differentiable_loss(model, guide, *args)
+    g1 = flat_grads(l1, names)
+    torch.manual_seed(1)
+    l2 = adapted.differentiable_loss(model, wrapped, *args)
+    g2 = flat_grads(l2, names)
+    assert abs(l1.item() - l2.item()) < 1e-10
+    np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# errors and SVI
+# ---------------------------------------------------------------------------
+
+
+def test_integer_categorical_site_points_to_one_hot():
+    def model():
+        pyro.sample("c", dist.Categorical(logits=torch.zeros(3)))
+
+    def guide():
+        pyro.sample("c", dist.Categorical(logits=pyro.param("a", torch.zeros(3))))
+
+    for elbo in (REBAR_ELBO(adapt=False), RELAX_ELBO()):
+        g = elbo.wrap_guide(guide)
+        with pytest.raises(NotImplementedError, match="'c'.*OneHotCategorical"):
+            elbo.loss(model, g)
+
+
+def test_adapting_without_the_wrapper_raises():
+    spec = specs.SPECS["scalar"]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    with pytest.raises(ValueError, match="wrap_guide"):
+        REBAR_ELBO().loss(model, guide, *args)
+    with pytest.raises(ValueError, match="wrap_guide"):
+        RELAX_ELBO(adapt=False).loss(model, guide, *args)
+    with pytest.raises(ValueError, match="eta"):
+        REBAR_ELBO(eta=2.5)
+
+
+@pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
+def test_svi_trains_the_adapted_parameters(cls):
+    spec = specs.SPECS["two_layer"]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    elbo = cls(num_particles=4, vectorize_particles=True)
+    svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 0.01}), elbo)
+    first = [svi.step(*args) for _ in range(20)]
+    store = pyro.get_param_store()
+    for site in ("b1", "b2"):
+        assert abs(store[f"_bg_{site}_temperature"].item() - 0.5) > 1e-4
+        assert abs(store[f"_bg_{site}_eta"].item() - 1.0) > 1e-4
+    if cls is RELAX_ELBO:
+        names = [n for n in store.keys() if n.startswith("_bg_b1_control_variate")]
+        assert names and any(store[n].abs().sum() > 0 for n in names if "out" in n)
+    assert np.isfinite(first).all()
