@@ -297,7 +297,13 @@ class PyroTrainer:
         self.optims = [_torch_optim(optim, main, lr, betas)]
         if other:
             self.optims.append(_torch_optim(second_optim or optim, other, second_lr or lr, betas))
-        self.params = list(params.values())
+        # REBAR/RELAX's adapted parameters (declared by elbo.wrap_guide): 10x the
+        # learning rate, as REBAR App. G does for eta and its baselines
+        store = bk.pyro.get_param_store()
+        adapted = [store._params[k] for k in store.keys() if k.startswith("_bg_")]
+        if adapted:
+            self.optims.append(_torch_optim(optim, adapted, ADAPTED_LR_FACTOR * lr, betas))
+        self.params = list(params.values()) + adapted
 
     def step(self, *args):
         loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
@@ -312,6 +318,10 @@ class PyroTrainer:
 
     def snapshot(self):
         return {k: v.detach().clone() for k, v in self.bk.params().items()}
+
+
+#: learning-rate factor of REBAR/RELAX's adapted parameters
+ADAPTED_LR_FACTOR = 10.0
 
 
 def _torch_optim(name, params, lr, betas):
@@ -354,11 +364,16 @@ class NumPyroTrainer:
 
         self.bk, self.model, self.guide = bk, model, guide
         tx = _optax_optim(optim, lr, betas)
-        if second_group:
+        if second_group or getattr(elbo, "wrap_guide", None) is not None:
             group = set(second_group)
             tx = optax.multi_transform(
-                {"main": tx, "second": _optax_optim(second_optim or optim, second_lr or lr, betas)},
-                lambda params: {k: ("second" if k in group else "main") for k in params},
+                {"main": tx,
+                 "second": _optax_optim(second_optim or optim, second_lr or lr, betas),
+                 "adapted": _optax_optim(optim, ADAPTED_LR_FACTOR * lr, betas)},
+                lambda params: {
+                    k: ("second" if k in group else "adapted" if k.startswith("_bg_") else "main")
+                    for k in params
+                },
             )
         if grad_scale != 1.0:
             tx = optax.chain(optax.scale(grad_scale), tx)
@@ -382,6 +397,13 @@ def make_trainer(bk, model, guide, elbo, example_args, seed, num_data, **optim_k
     (this matters for SGD, for RAdam's first un-adapted steps and for Adam's eps).
     """
     optim_kw.setdefault("grad_scale", 1.0 / num_data)
+    if getattr(elbo, "wrap_guide", None) is not None:  # REBAR, RELAX: adapted parameters
+        guide = elbo.wrap_guide(guide)
+        if bk.name == "pyro":
+            import pyro.poutine as poutine
+
+            with poutine.block():
+                guide(*example_args)  # declares them in the param store
     if bk.name == "pyro":
         return PyroTrainer(bk, model, guide, elbo, **optim_kw)
     return NumPyroTrainer(bk, model, guide, elbo, example_args, seed=seed, **optim_kw)
