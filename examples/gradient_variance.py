@@ -1,7 +1,8 @@
 """
 Gradient-variance figure in the style of the DisARM / REBAR papers: the log10
 variance of the encoder (inference network) gradient estimate over training, for
-DisARM, ARM, RLOO (2 samples), TraceGraph_ELBO (and REBAR when the backend has it),
+DisARM, ARM, RLOO (2 samples), TraceGraph_ELBO and REBAR (its temperature and eta
+adapted along the trajectory by their own variance-gradient steps),
 on the linear one-layer SBN (``examples/sbn.py``'s model and presets).
 
 One training trajectory (``--train-estimator``, DisARM by default) is followed; at
@@ -66,6 +67,21 @@ def main(argv=None):
     enc = [bk.pyro.param(k).unconstrained() for k in ("enc0_W", "enc0_b")]
     xb = torch.as_tensor(train_set.fixed_binarization(sa.batch_size, seed=123))
     idx = torch.arange(sa.batch_size)
+    # REBAR / RELAX adapt their temperature, eta (and network) along the
+    # trajectory: one variance-gradient step of their own per training step
+    guides = {e: guide for e in names}
+    adapt = {}
+    store = bk.pyro.get_param_store()
+    for e, elbo in elbos.items():
+        if getattr(elbo, "wrap_guide", None) is None:
+            continue
+        before = set(store.keys())
+        guides[e] = elbo.wrap_guide(guide)
+        with bk.pyro.poutine.block():
+            guides[e](xb, idx, float(len(train_set)))
+        psi = [store._params[k] for k in store.keys() if k not in before]
+        adapt[e] = (psi, torch.optim.Adam(psi, lr=common.ADAPTED_LR_FACTOR * sa.lr,
+                                          betas=(0.9, sa.beta2)))
 
     def log_variance():
         out = {}
@@ -73,9 +89,9 @@ def main(argv=None):
             grads = []
             t = time.perf_counter()
             for _ in range(args.draws):
-                elbo.loss_and_grads(model, guide, xb, idx, num_data)
+                elbo.loss_and_grads(model, guides[e], xb, idx, num_data)
                 grads.append(torch.cat([q.grad.reshape(-1) for q in enc]) / num_data)
-                for q in trainer.params:
+                for q in trainer.params + [p for ps, _ in adapt.values() for p in ps]:
                     q.grad = None
             g = torch.stack(grads).double()
             out[e] = {"log10_var": float(torch.log10(g.var(0).mean())),
@@ -93,6 +109,12 @@ def main(argv=None):
     for step, (i, x) in enumerate(bar, 1):
         loss = trainer.step(torch.as_tensor(x), torch.as_tensor(i), num_data)
         elbo_hist.append(-loss / num_data)
+        for e, (psi, opt) in adapt.items():
+            elbos[e].loss_and_grads(model, guides[e], torch.as_tensor(x), torch.as_tensor(i),
+                                    num_data)
+            opt.step()
+            for q in trainer.params + psi:
+                q.grad = None
         if step % args.every == 0 or step == args.num_steps:
             curve.append((step, log_variance()))
             bar.set_postfix({e: f"{v['log10_var']:.2f}" for e, v in curve[-1][1].items()})
@@ -105,7 +127,8 @@ def main(argv=None):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {"disarm": "DisARM", "arm": "ARM", "rloo": "RLOO (2 samples)",
-              "tracegraph": "TraceGraph_ELBO", "rebar": "REBAR"}
+              "tracegraph": "TraceGraph_ELBO", "rebar": "REBAR (adapted)",
+              "relax": "RELAX"}
     for e in names:
         ax.plot([c[0] for c in curve], [c[1][e]["log10_var"] for c in curve], "o-", ms=3,
                 label=labels.get(e, e))
