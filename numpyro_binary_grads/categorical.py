@@ -187,7 +187,7 @@ class _StraightThroughELBO(SiteELBO):
         plan.value_fn = self._site_value
         return plan
 
-    def _site_value(self, info, u, alpha, hard):
+    def _site_value(self, info, u, alpha, hard, relax=0):
         if info.kind == "bernoulli":
             s = self.surrogate(info.name, *two_classes(alpha, u, hard))[..., 0]
         else:

@@ -17,7 +17,9 @@ value ``1[1 - u < sigmoid(alpha)]`` at the Bernoulli sites ``j`` with
 ``flips[e][j]``. The pair estimators (ARM, DisARM) evaluate ``e = 0`` (base)
 and ``e = t`` ("flip site t", the discrete sites in execution order), all on
 draw 0; RLOO and VIMCO evaluate ``K`` independent draws; local DisARM ``P``
-antithetic pairs (evaluations ``2k`` and ``2k + 1`` share draw ``k``). The
+antithetic pairs (evaluations ``2k`` and ``2k + 1`` share draw ``k``); REBAR
+and RELAX ``1 + 2T`` evaluations on draw 0 in which some sites take relaxed
+values (``Plan.relax`` codes, passed to the plan's ``value_fn``). The
 uniforms of site ``j`` in draw ``s`` are
 ``uniform(fold_in(fold_in(noise_key, j), s), shape)`` (no fold with ``s``
 when the plan has one draw), so ``jax.vmap`` and ``jax.lax.map`` over the
@@ -330,27 +332,43 @@ class Plan:
     """
     Which configurations an estimator evaluates. Evaluation ``e`` uses noise
     draw ``source[e]`` of every discrete site and takes the antithetic value
-    at the sites ``j`` with ``flips[e][j]``. A non-discrete latent site after
-    ``k`` discrete sites takes the value of evaluation ``base[e]`` (same noise
-    draw, no flips) unless one of the first ``k`` sites is flipped in ``e``
-    (:meth:`copy_index`); in NumPyro this holds because evaluations of one
-    draw share the continuous sites' keys (module docstring).
+    at the sites ``j`` with ``flips[e][j]``; ``relax[e][j]`` (optional) marks
+    sites that take a relaxed value instead (1: at the perturbed logits
+    :math:`z`, 2: at the conditional :math:`\\tilde z`; REBAR, RELAX). A
+    non-discrete latent site after ``k`` discrete sites takes the value of
+    evaluation ``base[e]`` (same noise draw, no changes) unless one of the
+    first ``k`` sites is flipped or relaxed in ``e`` (:meth:`copy_index`); in
+    NumPyro this holds because evaluations of one draw share the continuous
+    sites' keys (module docstring). Evaluations without relaxed sites are
+    the *hard* ones.
     """
 
-    def __init__(self, source, flips, value_fn=None):
-        #: optional ``value_fn(info, u, alpha, hard) -> value``: the value a
-        #: discrete site takes given its noise, logits and hard sample (e.g. a
-        #: straight-through value ``hard + (s - sg(s))``); default the hard one
+    def __init__(self, source, flips, value_fn=None, relax=None):
+        #: optional ``value_fn(info, u, alpha, hard, relax) -> value``: the
+        #: value a discrete site takes given its noise, logits, hard sample and
+        #: relax code (the evaluation's int code of the site, traced under
+        #: ``vmap``), e.g. a straight-through value ``hard + (s - sg(s))``;
+        #: default the hard one
         self.value_fn = value_fn
         self.source = list(source)
         self.flips = [tuple(bool(x) for x in f) for f in flips]
         self.num_evaluations = len(self.source)
         self.num_draws = max(self.source) + 1
-        unflipped = {}
-        for e, (s, f) in enumerate(zip(self.source, self.flips)):
-            if not any(f):
-                unflipped.setdefault(s, e)
-        self.base = [unflipped.get(s, e) for e, s in enumerate(self.source)]
+        T = len(self.flips[0]) if self.flips else 0
+        self.relax = [tuple(int(x) for x in r) for r in relax] if relax else None
+        if self.relax is None:
+            self.relax = [(0,) * T] * self.num_evaluations
+        #: per evaluation, whether every site takes its hard value
+        self.hard = [not any(r) for r in self.relax]
+        self.changed = [
+            tuple(bool(f) or bool(r) for f, r in zip(fl, rl))
+            for fl, rl in zip(self.flips, self.relax)
+        ]
+        unchanged = {}
+        for e, (s, c) in enumerate(zip(self.source, self.changed)):
+            if not any(c):
+                unchanged.setdefault(s, e)
+        self.base = [unchanged.get(s, e) for e, s in enumerate(self.source)]
 
     @classmethod
     def pairs(cls, T):
@@ -361,6 +379,19 @@ class Plan:
     def independent(cls, K, T):
         """K independent samples (RLOO, VIMCO)."""
         return cls(range(K), [[False] * T] * K)
+
+    @classmethod
+    def relaxed(cls, T):
+        """REBAR/RELAX, per layer (ESTIMATORS.md section 5): the hard path, then
+        for each site ``t`` two evaluations in which the sites before ``t``
+        keep their hard values, site ``t`` is relaxed at :math:`z_t`
+        (evaluation ``2t + 1``) or at :math:`\\tilde z_t` (``2t + 2``), and
+        the sites after it are relaxed at their own :math:`z`: ``1 + 2T``."""
+        relax = [[0] * T]
+        for t in range(T):
+            for code in (1, 2):
+                relax.append([0] * t + [code] + [1] * (T - t - 1))
+        return cls([0] * (1 + 2 * T), [[False] * T] * (1 + 2 * T), relax=relax)
 
     @classmethod
     def antithetic_pairs(cls, P, T):
@@ -375,15 +406,18 @@ class Plan:
         """Per evaluation, the evaluation whose value a non-discrete site
         after ``k`` discrete sites takes."""
         return [
-            e if any(self.flips[e][:k]) else self.base[e]
+            e if any(self.changed[e][:k]) else self.base[e]
             for e in range(self.num_evaluations)
         ]
 
     def arrays(self):
-        """``source`` as an ``(E,)`` int array, ``flips`` as ``(E, T)`` bool."""
+        """``source`` as an ``(E,)`` int array, ``flips`` as ``(E, T)`` bool,
+        ``relax`` codes as ``(E, T)`` int."""
         T = len(self.flips[0]) if self.flips else 0
-        flips = jnp.asarray(self.flips, dtype=bool).reshape(self.num_evaluations, T)
-        return jnp.asarray(self.source, dtype=jnp.int32), flips
+        E = self.num_evaluations
+        flips = jnp.asarray(self.flips, dtype=bool).reshape(E, T)
+        relax = jnp.asarray(self.relax, dtype=jnp.int32).reshape(E, T)
+        return jnp.asarray(self.source, dtype=jnp.int32), flips, relax
 
 
 # ---------------------------------------------------------------------------
@@ -430,10 +464,11 @@ class NoiseMessenger(Messenger):
         self.supports = supports
         self.infos = infos or {}
         self.record = {}
-        self.draw, self.flips = None, None
+        self.draw, self.flips, self.relax = None, None, None
         if plan is not None:
-            source, flips = plan.arrays()
+            source, flips, relax = plan.arrays()
             self.flips = flips[evaluation]
+            self.relax = relax[evaluation]
             if plan.num_draws > 1:
                 self.draw = source[evaluation]
         super().__init__(fn)
@@ -466,7 +501,9 @@ class NoiseMessenger(Messenger):
         else:
             hard = _categorical_value(u, alpha, kind == "onehot")
         if self.plan is not None and self.plan.value_fn is not None:
-            value = self.plan.value_fn(self.infos.get(name), u, alpha, hard)
+            value = self.plan.value_fn(
+                self.infos.get(name), u, alpha, hard, self.relax[index]
+            )
         elif kind == "bernoulli":
             value = hard.astype(jnp.result_type(int))
         else:
@@ -552,14 +589,22 @@ def _reduce_term(lp, term_frames, signal_plates, signal_ndim):
 
 def _terms(model_trace, guide_trace, owned, detach_discrete):
     """``[(side, name, frames, lp)]``: scaled, masked log-prob arrays, guide
-    terms negated; the discrete guide sites' log-probs detached if asked."""
+    terms negated; the discrete guide sites' log-probs detached if asked
+    (``detach_discrete`` a bool, or a traced bool scalar: detached where
+    true, as on REBAR's hard evaluations)."""
+    traced = not isinstance(detach_discrete, bool)
     terms = []
     for name, site in model_trace.items():
         if site["type"] == "sample":
             terms.append(("model", name, site["cond_indep_stack"], site_log_prob(site)))
     for name, site in guide_trace.items():
         if site["type"] == "sample":
-            lp = site_log_prob(site, detach=detach_discrete and name in owned)
+            if traced and name in owned:
+                lp = site_log_prob(site)
+                lp = jnp.where(detach_discrete, stop_gradient(lp), lp)
+            else:
+                detach = not traced and detach_discrete and name in owned
+                lp = site_log_prob(site, detach=detach)
             terms.append(("guide", name, site["cond_indep_stack"], -lp))
     return terms
 
@@ -620,7 +665,13 @@ def _evaluate(e, key, params, structure, plan, model, guide, args, kwargs, noise
         e, key, params, model, guide, args, kwargs, noise, owner, plan, supports,
         structure.discrete,
     )
-    terms = _terms(model_trace, guide_trace, set(record), detach_discrete)
+    if detach_discrete == "hard":
+        # REBAR, RELAX: detached on the hard evaluations only; the relaxed ones
+        # are differentiated totally
+        hard = jnp.asarray(plan.hard, dtype=bool)[e]
+        terms = _terms(model_trace, guide_trace, set(record), hard)
+    else:
+        terms = _terms(model_trace, guide_trace, set(record), detach_discrete)
     f = sum((jnp.sum(lp) for _, _, _, lp in terms), start=jnp.zeros(()))
     out = {"f": f, "sites": {n: record[n] for n in structure.discrete}, "mutable": mutable}
     if signals:
