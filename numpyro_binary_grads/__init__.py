@@ -18,6 +18,7 @@ from .diagnostics import compare_estimators
 from .distributions import OneHotCategorical
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
+from .relaxed import RELAX_ELBO, REBAR_ELBO
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "GumbelSoftmaxST_ELBO",
     "LocalDisARM_IWAE",
     "OneHotCategorical",
+    "REBAR_ELBO",
+    "RELAX_ELBO",
     "RLOO_ELBO",
     "ReinMaxCV_ELBO",
     "ReinMaxRao_ELBO",

@@ -1,0 +1,654 @@
+"""
+REBAR and RELAX: unbiased estimators whose control variate is the ELBO
+integrand (or a learned function) at a continuous relaxation of the sample.
+
+Notation (``ESTIMATORS.md`` sections 0, 5, 6). A Bernoulli site has logits
+:math:`\\alpha`, perturbed logits :math:`z = \\alpha - \\mathrm{logit}(u)` and
+sample :math:`b = 1[z > 0] = 1[u < \\sigma(\\alpha)]`; a one-hot categorical site has
+:math:`z = \\alpha + G`, :math:`G = -\\log(-\\log u)` and
+:math:`D = \\mathrm{onehot}(\\arg\\max z)`. The relaxed value is
+:math:`\\sigma_\\lambda(z) = \\sigma(z / \\lambda)` (categorical:
+:math:`\\mathrm{softmax}(z / \\lambda)`), :math:`\\tilde z \\sim p(z \\mid b)` the
+conditional perturbation, and with a control variate :math:`c` the estimator
+of the logits' gradient is (REBAR eq. (4); RELAX eq. (8))
+
+.. math::
+    \\hat g_\\alpha = \\big[f(b) - c(\\tilde z)\\big]\\,\\nabla_\\alpha \\log q(b)
+        + \\nabla_\\alpha c(z) - \\nabla_\\alpha c(\\tilde z),
+
+unbiased for every differentiable :math:`c`. REBAR takes
+:math:`c = \\eta\\, f(\\sigma_\\lambda(z))`, RELAX
+:math:`c = \\eta\\, f(\\sigma_\\lambda(z)) + r_\\rho(z)` with a learned
+:math:`r_\\rho`. :math:`\\tilde z` is drawn with the common random numbers of
+REBAR App. G.2 (the noise :math:`v` is derived from :math:`u` and held
+fixed), so :math:`\\tilde z = z` in value and only the gradients differ.
+
+Multi-layer guides use the per-layer scheme of REBAR (main text; the
+reference code's "quadratic" mode): for the :math:`t`-th discrete site, one
+evaluation relaxes it at :math:`z_t` and one at :math:`\\tilde z_t`, with the
+sites before it hard and the sites after it relaxed at their own :math:`z`;
+its control variate multiplies its own score only. A step costs
+:math:`1 + 2T` evaluations, run as one vectorized guide and model execution
+(``jax.vmap`` over the evaluations).
+
+The adapted parameters (temperatures, scales :math:`\\eta`, RELAX's networks)
+are ordinary ``numpyro.param`` sites declared by :meth:`REBAR_ELBO.wrap_guide`;
+the ELBO reads them from the ``param_map`` it is given, so everything runs
+under ``jit`` and ``SVI.update``. The module :mod:`pyro_binary_grads.relaxed`
+holds the same functions and classes in PyTorch.
+"""
+
+import functools
+import math
+
+import jax
+from jax import random
+from jax.lax import stop_gradient
+import jax.numpy as jnp
+
+import numpyro
+from numpyro.distributions import constraints
+from numpyro.distributions.distribution import validation_enabled
+from numpyro.handlers import block, seed, substitute, trace
+
+from .elbo import _COMMON_DOC, SiteELBO
+from .sites import Plan, _base_dist, _expand, _float_value, _kind, score, total_elbo
+
+__all__ = [
+    "ControlVariateNet",
+    "RELAX_ELBO",
+    "REBAR_ELBO",
+    "bernoulli_conditional",
+    "gumbel_conditional",
+    "logistic_noise",
+    "perturbed_logits",
+    "relax",
+]
+
+
+# ---------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------
+
+
+def logistic_noise(u):
+    """:math:`\\mathrm{logit}(1 - u) = -\\mathrm{logit}(u)`: the perturbation with
+    :math:`b = 1[\\alpha - \\mathrm{logit}(u) > 0] = 1[u < \\sigma(\\alpha)]`, the
+    mechanism's sample (``ESTIMATORS.md`` uses :math:`1 - u` for our :math:`u`)."""
+    return jnp.log1p(-u) - jnp.log(u)
+
+
+def bernoulli_conditional(alpha, u, b):
+    """
+    :math:`\\tilde z \\sim p(z \\mid b)` for a Bernoulli site with the common
+    random numbers of REBAR App. G.2. In the paper's notation (noise
+    :math:`w = 1 - u`, :math:`z = \\alpha + \\mathrm{logit}(w)`,
+    :math:`w' = \\sigma(-\\alpha)`): :math:`v = (w - w')/(1 - w')` if :math:`b = 1`,
+    :math:`v = w / w'` if :math:`b = 0`, held fixed (detached), and (App. C, in
+    the form that reproduces :math:`\\tilde z = z`; ``ESTIMATORS.md`` 11.1)
+
+    .. math::
+        \\tilde z = \\begin{cases}
+            \\mathrm{softplus}(\\mathrm{logit}(v) + \\mathrm{softplus}(\\alpha)) & b = 1 \\\\
+            -\\mathrm{softplus}(-\\mathrm{logit}(v) + \\mathrm{softplus}(-\\alpha)) & b = 0
+        \\end{cases}
+
+    differentiable in ``alpha``; equal to :math:`z` in value.
+    """
+    a, u, b = stop_gradient(alpha), stop_gradient(u), stop_gradient(b)
+    p = jax.nn.sigmoid(a)
+    tiny = jnp.finfo(jnp.result_type(u)).tiny
+    # logit(v), written in u = 1 - w so that it keeps precision near p
+    logit_v = stop_gradient(jnp.where(
+        b > 0,
+        jnp.log(jnp.maximum(p - u, tiny)) - jnp.log(u),
+        jnp.log1p(-u) - jnp.log(jnp.maximum(u - p, tiny)),
+    ))
+    return jnp.where(
+        b > 0,
+        jax.nn.softplus(logit_v + jax.nn.softplus(alpha)),
+        -jax.nn.softplus(-logit_v + jax.nn.softplus(-alpha)),
+    )
+
+
+def gumbel_conditional(alpha, u, D):
+    """
+    :math:`\\tilde z \\sim (\\alpha + G \\mid \\arg\\max(\\alpha + G) = D)` for a
+    one-hot categorical site (REBAR App. C, eq. (6); truncated Gumbels for
+    unnormalised logits, :math:`\\Lambda = \\log\\sum_j e^{\\alpha_j}`):
+    :math:`\\tilde z_k = \\Lambda - \\log E_k` at the sampled class and
+    :math:`\\tilde z_i = -\\log(E_i e^{-\\alpha_i} + e^{-\\tilde z_k})` elsewhere, with
+    the exponentials :math:`E` derived from :math:`z = \\alpha + G(u)` and held
+    fixed (the categorical analogue of App. G.2, ``ESTIMATORS.md`` section 5):
+    :math:`\\log E_k = \\Lambda - z_k`,
+    :math:`\\log E_i = \\alpha_i - z_i + \\log(1 - e^{z_i - z_k})`.
+    Differentiable in ``alpha``; equal to ``z`` in value.
+    """
+    a, u, D = stop_gradient(alpha), stop_gradient(u), stop_gradient(D)
+    z = a - jnp.log(-jnp.log(u))
+    zk = jnp.sum(z * D, -1, keepdims=True)
+    lse = jax.nn.logsumexp(a, -1, keepdims=True)
+    gap = jnp.minimum(z - zk, -jnp.finfo(jnp.result_type(z)).eps)
+    logE = stop_gradient(jnp.where(D > 0, lse - zk, a - z + jnp.log(-jnp.expm1(gap))))
+    top = jax.nn.logsumexp(alpha, -1, keepdims=True) - jnp.sum(logE * D, -1, keepdims=True)
+    rest = -jnp.logaddexp(logE - alpha, -top)
+    return jnp.where(D > 0, top, rest)
+
+
+def perturbed_logits(kind, alpha, u, hard, conditional):
+    """:math:`z` (``conditional=False``) or :math:`\\tilde z` of a site."""
+    if kind == "bernoulli":
+        if conditional:
+            return bernoulli_conditional(alpha, u, hard)
+        return alpha + logistic_noise(u)
+    if conditional:
+        return gumbel_conditional(alpha, u, hard)
+    return alpha - jnp.log(-jnp.log(u))
+
+
+def relax(kind, z, temperature):
+    """:math:`\\sigma(z/\\lambda)`, or :math:`\\mathrm{softmax}(z/\\lambda)` for one-hot sites."""
+    if kind == "bernoulli":
+        return jax.nn.sigmoid(z / temperature)
+    return jax.nn.softmax(z / temperature, -1)
+
+
+# ---------------------------------------------------------------------------
+# the ELBO classes
+# ---------------------------------------------------------------------------
+
+
+class REBAR_ELBO(SiteELBO):
+    """
+    The ELBO with gradients of its discrete guide sites (``Bernoulli`` and
+    :class:`~numpyro_binary_grads.OneHotCategorical`) estimated by REBAR [1]:
+    the REINFORCE estimator with the ELBO integrand at the concrete relaxation
+    :math:`c(z) = \\eta\\, f(\\sigma_\\lambda(z))` as a control variate, made
+    unbiased by the conditional reparameterization :math:`\\tilde z \\mid b`
+    ([1] eq. (4), with the terms of App. G.2):
+
+    .. math::
+        \\hat g_\\alpha = \\big[f(b) - \\eta f(\\sigma_\\lambda(\\tilde z))\\big]
+            \\nabla_\\alpha \\log q(b)
+            + \\eta\\nabla_\\alpha f(\\sigma_\\lambda(z))
+            - \\eta\\nabla_\\alpha f(\\sigma_\\lambda(\\tilde z)).
+
+    The relaxed integrand is differentiated totally, the relaxed
+    :math:`-\\log q_\\phi(\\sigma_\\lambda(z))` included (``ESTIMATORS.md`` 0.2);
+    its score term uses the plate-local learning signal of each element.
+    Model parameters and reparameterized sites get pathwise gradients at the
+    hard sample. :math:`\\tilde z` uses the common random numbers of App. G.2
+    (categorical: App. C with the analogous coupling).
+
+    **Multi-layer guides** use [1]'s per-layer scheme (main text): for the
+    :math:`t`-th discrete site one evaluation relaxes it at :math:`z_t` and
+    one at :math:`\\tilde z_t`, sites before it hard, sites after it relaxed
+    at their own :math:`z`; :math:`1 + 2T` evaluations per step, run as one
+    vectorized guide and model execution. (The single coupled pair of fully
+    relaxed passes of App. F is not offered: with relaxed upstream values the
+    conditional :math:`\\tilde z_t \\mid b_t` no longer matches the hard path.)
+
+    **Adapting** :math:`\\lambda` **and** :math:`\\eta` ([1] Sec. 3.3; RELAX eq. (6)):
+    with ``adapt=True`` each discrete site has its own temperature
+    :math:`\\lambda > 0` and scale :math:`\\eta \\in (0, 2)` (initialised at
+    ``temperature`` and ``eta``), declared as NumPyro params
+    ``_bg_<site>_temperature`` and ``_bg_<site>_eta`` by :meth:`wrap_guide`,
+    and trained by the optimizer you pass to SVI on the single-sample variance
+    gradient :math:`\\nabla_{\\lambda,\\eta} \\overline{\\hat g_\\phi^2}` (the
+    mean square of the estimator's gradient over the guide's parameters,
+    by double differentiation with the same noise) instead of the ELBO
+    gradient::
+
+        elbo = REBAR_ELBO()
+        svi = SVI(model, elbo.wrap_guide(guide), optax.adam(1e-3), elbo)
+        state = svi.init(jax.random.PRNGKey(0), data)
+        state, loss = jax.jit(svi.update)(state, data)
+
+    The ELBO reads the adapted values from the ``param_map`` it is given
+    (the values of the initial declaration where the map lacks them). With
+    ``adapt=False`` they stay fixed and no wrapping is needed
+    (``REBAR_ELBO(temperature=0.1, adapt=False)`` is "REBAR (0.1)" of [1]).
+
+    The model and guide are run at relaxed values in :math:`(0, 1)` (one-hot
+    sites: on the simplex): write them so that such values flow through
+    (e.g. matrix products). Discrete log-probs are computed from the logits
+    and accept relaxed values; NumPyro's validation is off inside these
+    evaluations. Integer ``Categorical`` sites raise an error pointing to
+    :class:`~numpyro_binary_grads.OneHotCategorical`.
+    """ + _COMMON_DOC + """
+    :param float temperature: the (initial) temperature :math:`\\lambda > 0`.
+    :param float eta: the (initial) control-variate scale :math:`\\eta`
+        (in :math:`(0, 2)` when adapted).
+    :param bool adapt: train :math:`\\lambda, \\eta` on the variance gradient.
+
+    Other parameters as :class:`~numpyro_binary_grads.ARM_ELBO`.
+
+    [1] George Tucker, Andriy Mnih, Chris J. Maddison, Dieterich Lawson,
+        Jascha Sohl-Dickstein, "REBAR: Low-variance, unbiased gradient
+        estimates for discrete latent variable models", NeurIPS 2017.
+    """
+
+    supports = ("bernoulli", "onehot")
+    detach_discrete = "hard"
+
+    def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=0.5,
+                 eta=1.0, adapt=True, vectorize=True):
+        if not temperature > 0:
+            raise ValueError(f"{type(self).__name__} needs temperature > 0, got {temperature}.")
+        if adapt and not 0 < eta < 2:
+            raise ValueError(
+                f"{type(self).__name__}(adapt=True) keeps eta in (0, 2); got eta={eta}. "
+                "Pass adapt=False to use a fixed eta outside that range."
+            )
+        self.temperature = float(temperature)
+        self.eta = float(eta)
+        self.adapt = adapt
+        self._sites = None  # [(name, kind, event_shape)] of the discrete sites, found by the wrapper
+        self._discrete = None  # discrete guide site names, found at trace time
+        self._psi = None  # {site: (temperature, eta)} of the particle being traced
+        super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
+
+    # -- adapted parameters -------------------------------------------------
+
+    @property
+    def adapts(self):
+        """Whether this ELBO has parameters trained on the variance gradient."""
+        return self.adapt
+
+    def param_name(self, site, what):
+        return f"_bg_{site}_{what}"
+
+    def wrap_guide(self, guide):
+        """
+        Returns ``guide`` preceded by the declaration of this ELBO's adapted
+        parameters (``numpyro.param`` sites named ``_bg_<site>_...``), so that
+        ``SVI.init`` collects them and SVI optimizes them with everything
+        else. Pass the wrapped guide to SVI (and to this ELBO's ``loss``).
+        The guide's discrete sites are found once, by running it blocked and
+        seeded, and cached on this ELBO.
+        """
+
+        @functools.wraps(guide)
+        def wrapped(*args, **kwargs):
+            self._declare(guide, args, kwargs)
+            return guide(*args, **kwargs)
+
+        wrapped._bg_elbo = self
+        return wrapped
+
+    def _find_sites(self, guide, args, kwargs):
+        if self._sites is None:
+            with block(), validation_enabled(False):
+                tr = trace(seed(guide, rng_seed=0)).get_trace(*args, **kwargs)
+            self._sites = [
+                (name, _kind(_base_dist(site["fn"])), tuple(site["fn"].event_shape))
+                for name, site in tr.items()
+                if _is_discrete_latent(site)
+            ]
+        return self._sites
+
+    def _declare(self, guide, args, kwargs):
+        if not self.adapts:
+            return
+        for name, kind, event_shape in self._find_sites(guide, args, kwargs):
+            self._declare_site(name, kind, event_shape)
+
+    def _declare_site(self, name, kind, event_shape):
+        if self.adapt:
+            numpyro.param(self.param_name(name, "temperature"), jnp.asarray(self.temperature),
+                          constraint=constraints.positive)
+            numpyro.param(self.param_name(name, "eta"), jnp.asarray(self.eta),
+                          constraint=constraints.interval(0.0, 2.0))
+
+    def adapted_names(self):
+        """The names of the params trained on the variance gradient."""
+        if not self.adapt:
+            return []
+        return [self.param_name(n, w) for n in self._discrete for w in ("temperature", "eta")]
+
+    def _inspect_guide(self, rng_key, params, guide, args, kwargs):
+        """
+        Trace the guide abstractly (trace time only): raise for integer
+        ``Categorical`` sites and for a missing wrapper; record the discrete
+        sites; return the names of the guide's params.
+        """
+        found = {}
+
+        def fn(key, params):
+            tr = trace(seed(substitute(guide, data=params), key)).get_trace(*args, **kwargs)
+            found["params"] = [n for n, site in tr.items() if site["type"] == "param"]
+            found["sites"] = [
+                (n, _kind(_base_dist(site["fn"]))) for n, site in tr.items()
+                if _is_discrete_latent(site)
+            ]
+            return jnp.zeros(())
+
+        with validation_enabled(False):
+            jax.eval_shape(fn, rng_key, params)
+        for name, kind in found["sites"]:
+            if kind == "categorical":
+                raise NotImplementedError(
+                    f"Guide site '{name}' is a Categorical (integer-valued) site. "
+                    f"{type(self).__name__} evaluates the model at relaxed one-hot "
+                    "values; write the site as a numpyro_binary_grads.OneHotCategorical "
+                    "(and use the one-hot value in model and guide, e.g. value @ table "
+                    "rather than table[value]), or use RLOO_ELBO / VIMCO."
+                )
+            prefix = self.param_name(name, "")
+            if self.adapts and not any(n.startswith(prefix) for n in found["params"]):
+                raise ValueError(
+                    f"{type(self).__name__} adapts parameters of guide site '{name}' "
+                    "on the variance gradient, but the guide does not declare them. "
+                    "Pass guide = elbo.wrap_guide(guide) to SVI (and to this ELBO), or "
+                    "use adapt=False."
+                )
+        self._discrete = [name for name, _ in found["sites"]]
+        return found["params"]
+
+    def _read_adapted(self, param_map):
+        """This particle's temperature and eta per site, from ``param_map``."""
+        psi = {}
+        for name in self._discrete:
+            if self.adapt:
+                psi[name] = (
+                    param_map.get(self.param_name(name, "temperature"), self.temperature),
+                    param_map.get(self.param_name(name, "eta"), self.eta),
+                )
+            else:
+                psi[name] = (self.temperature, self.eta)
+        self._psi = psi
+
+    # -- mechanism hooks ----------------------------------------------------
+
+    def plan(self, num_sites):
+        plan = Plan.relaxed(num_sites)
+        plan.value_fn = self._site_value
+        return plan
+
+    def _site_value(self, info, u, alpha, hard, code):
+        lam = self._psi[info.name][0]
+        if isinstance(code, int):
+            if code == 0:
+                return hard
+            return relax(info.kind, perturbed_logits(info.kind, alpha, u, hard, code == 2), lam)
+        z = perturbed_logits(info.kind, alpha, u, hard, False)
+        zt = perturbed_logits(info.kind, alpha, u, hard, True)
+        return jnp.where(code == 0, hard, relax(info.kind, jnp.where(code == 2, zt, z), lam))
+
+    def control_variate(self, info, u, alpha, b, a, c):
+        """The learned part :math:`r(z), r(\\tilde z)` of the control variate
+        (evaluations ``a`` and ``c``); none for REBAR."""
+        return None
+
+    def value_and_surrogate(self, evals, structure):
+        f = total_elbo(evals)
+        value = f[0]
+        surr = value
+        live = self.adapts
+        for info in structure.discrete.values():
+            lam, eta = self._psi[info.name]
+            a, c = 2 * info.index + 1, 2 * info.index + 2
+            alpha, u, hard = evals.sites[info.name]
+            signal = evals.signals[(info.signal_plates, info.signal_ndim)]
+            signal = _expand(signal, info.signal_ndim, alpha, info.alpha_event_dim)
+            alpha0 = alpha[0]
+            b = stop_gradient(_float_value(info, alpha, hard[0]))
+            coef = stop_gradient(signal[0]) - eta * (
+                signal[c] if live else stop_gradient(signal[c])
+            )
+            r = self.control_variate(info, u, alpha, b, a, c)
+            if r is not None:
+                r_z, r_zt = r
+                coef = coef - r_zt
+                surr = surr + jnp.sum(r_z - r_zt)
+            coef = coef * score(info, alpha0, b)
+            if live or r is not None:
+                surr = surr + jnp.sum((alpha0 - stop_gradient(alpha0)) * coef)
+            else:
+                surr = surr + jnp.sum(alpha0 * stop_gradient(coef))
+            surr = surr + eta * (f[a] - f[c])
+        return value, surr
+
+    def _particle_loss(self, rng_key, param_map, model, guide, args, kwargs, noise=None):
+        self._read_adapted(param_map)
+        try:
+            return super()._particle_loss(
+                rng_key, param_map, model, guide, args, kwargs, noise=noise
+            )
+        finally:
+            self._psi = None
+
+    # -- the variance gradient ----------------------------------------------
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """
+        As :meth:`SiteELBO.loss_with_mutable_state`; with adapted params in
+        ``param_map`` their gradient is the variance gradient (below).
+        """
+        guide_params = self._inspect_guide(rng_key, param_map, guide, args, kwargs)
+        out = super().loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)
+        psi = {n: param_map[n] for n in self.adapted_names() if n in param_map}
+        phi = {
+            n: param_map[n] for n in guide_params
+            if not n.startswith("_bg_") and n in param_map and _inexact(param_map[n])
+        }
+        if psi and phi:
+            term = self._variance_term(rng_key, param_map, psi, phi, model, guide, args, kwargs)
+            out = dict(out, loss=out["loss"] + term)
+        return out
+
+    def _variance_term(self, rng_key, param_map, psi, phi, model, guide, args, kwargs):
+        """
+        ``sum(psi * sg(dVar/dpsi - dL/dpsi))``, value 0: with it the loss's
+        gradient w.r.t. the adapted params ``psi`` is the single-sample
+        variance gradient :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}`
+        (RELAX eq. (6)) instead of the ELBO gradient. :math:`\\hat g_\\phi` is
+        ``jax.grad`` of the same loss (same key, hence the same noise) w.r.t.
+        the guide's params ``phi``, differentiated again w.r.t. ``psi``.
+        """
+        base = super().loss_with_mutable_state
+        fixed = stop_gradient(param_map)
+
+        def loss_and_variance(psi_):
+            def loss_of(phi_):
+                params = {**fixed, **psi_, **phi_}
+                return base(rng_key, params, model, guide, *args, **kwargs)["loss"]
+
+            loss, g = jax.value_and_grad(loss_of)(stop_gradient(phi))
+            leaves = jax.tree.leaves(g)
+            n = sum(x.size for x in leaves)
+            return loss, sum(jnp.sum(x * x) for x in leaves) / n
+
+        (loss, var), pullback = jax.vjp(loss_and_variance, stop_gradient(psi))
+        (dloss,) = pullback((jnp.ones_like(loss), jnp.zeros_like(var)))
+        (dvar,) = pullback((jnp.zeros_like(loss), jnp.ones_like(var)))
+        term = jnp.zeros(())
+        for p, gv, gl in zip(jax.tree.leaves(psi), jax.tree.leaves(dvar), jax.tree.leaves(dloss)):
+            term = term + jnp.sum(p * stop_gradient(gv - gl))
+        return term - stop_gradient(term)
+
+
+def _is_discrete_latent(site):
+    """A latent, non-reparameterized discrete guide sample site of a kind we know."""
+    return (
+        site["type"] == "sample"
+        and not site.get("is_observed", False)
+        and not site["fn"].has_rsample
+        and _kind(_base_dist(site["fn"])) is not None
+    )
+
+
+def _inexact(tree):
+    return all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree))
+
+
+class ControlVariateNet:
+    """
+    The default learned part :math:`r_\\rho(z)` of :class:`RELAX_ELBO`'s control
+    variate for one site: an MLP on the site's perturbed logits (event dims
+    flattened) with one hidden layer of ``hidden_size`` LeakyReLU(0.3) units
+    (the DisARM authors' RELAX reimplementation uses 137), returning one value
+    per batch element. The output layer starts at zero, so training starts
+    from REBAR's control variate; the hidden layer starts as torch's
+    ``nn.Linear`` default, uniform in :math:`\\pm 1/\\sqrt{d}`, from
+    ``PRNGKey(0)``.
+
+    ``net(params, z)`` applies it; :meth:`init_params` gives the initial
+    params (a pytree).
+    """
+
+    def __init__(self, input_size, hidden_size=137, event_dim=1):
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.event_dim = event_dim
+
+    def init_params(self, dtype=None):
+        dtype = jnp.result_type(float) if dtype is None else dtype
+        bound = 1.0 / math.sqrt(self.input_size)
+        kw, kb = random.split(random.PRNGKey(0))
+        d, h = self.input_size, self.hidden_size
+        return {
+            "hidden": {
+                "w": random.uniform(kw, (d, h), dtype, -bound, bound),
+                "b": random.uniform(kb, (h,), dtype, -bound, bound),
+            },
+            "out": {"w": jnp.zeros((h, 1), dtype), "b": jnp.zeros((1,), dtype)},
+        }
+
+    def __call__(self, params, z):
+        if self.event_dim:
+            z = jnp.reshape(z, jnp.shape(z)[: jnp.ndim(z) - self.event_dim] + (-1,))
+        else:
+            z = z[..., None]
+        h = jax.nn.leaky_relu(z @ params["hidden"]["w"] + params["hidden"]["b"], 0.3)
+        return (h @ params["out"]["w"] + params["out"]["b"])[..., 0]
+
+
+class RELAX_ELBO(REBAR_ELBO):
+    """
+    The ELBO with gradients of its discrete guide sites (``Bernoulli`` and
+    :class:`~numpyro_binary_grads.OneHotCategorical`) estimated by RELAX [1]
+    (Sec. 3.2, eq. (8) of the camera-ready version) with the control variate
+    of its VAE experiments,
+
+    .. math::
+        c_\\psi(z) = \\eta\\, f(\\sigma_\\lambda(z)) + r_\\rho(z),
+        \\qquad
+        \\hat g_\\alpha = \\big[f(b) - c_\\psi(\\tilde z)\\big]\\nabla_\\alpha\\log q(b)
+            + \\nabla_\\alpha c_\\psi(z) - \\nabla_\\alpha c_\\psi(\\tilde z),
+
+    unbiased for any :math:`\\psi` ([1] App. A). The network :math:`r_\\rho`
+    (one per discrete site) and, with ``adapt=True``, :math:`\\lambda` and
+    :math:`\\eta` are trained on the single-sample variance gradient
+    :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}` ([1] eq. (6)) by the
+    optimizer you pass to SVI; they are declared by :meth:`wrap_guide`
+    (the network's params as one pytree-valued param
+    ``_bg_<site>_control_variate``), which is required::
+
+        elbo = RELAX_ELBO()
+        svi = SVI(model, elbo.wrap_guide(guide), optax.adam(1e-3), elbo)
+
+    Everything else (conditional noise, per-layer scheme with
+    :math:`1 + 2T` evaluations, plate-local signals, relaxed values in the
+    model) as :class:`REBAR_ELBO`; the network adds two evaluations of
+    :math:`r_\\rho` per site. :math:`r_\\rho(z)` returns one value per element
+    of the site's plates; its input is the site's perturbed logits
+    :math:`z` (batch shape plus event shape).
+
+    :param control_variate: ``None`` for a :class:`ControlVariateNet` per
+        site; an ``(apply_fn, init_params)`` pair used for every site, with
+        ``apply_fn(params, z)`` returning an array of ``z``'s batch shape; or a
+        dict from site name to such a pair.
+    :param int hidden_size: hidden units of the default network.
+
+    Other parameters as :class:`REBAR_ELBO`.
+
+    [1] Will Grathwohl, Dami Choi, Yuhuai Wu, Geoffrey Roeder, David
+        Duvenaud, "Backpropagation through the Void: Optimizing control
+        variates for black-box gradient estimation", ICLR 2018.
+    """
+
+    def __init__(self, num_particles=1, vectorize_particles=True, *, control_variate=None,
+                 hidden_size=137, temperature=0.5, eta=1.0, adapt=True, vectorize=True):
+        self.hidden_size = hidden_size
+        self._nets = {}
+        self._user_nets = control_variate
+        self._rho = None
+        super().__init__(num_particles, vectorize_particles, temperature=temperature,
+                         eta=eta, adapt=adapt, vectorize=vectorize)
+
+    @property
+    def adapts(self):
+        return True
+
+    def _net(self, name, event_shape):
+        """``(apply_fn, init_params)`` of site ``name``'s network."""
+        if name not in self._nets:
+            user = self._user_nets
+            if isinstance(user, dict):
+                if name not in user:
+                    raise ValueError(
+                        f"RELAX_ELBO's control_variate dict has no network for guide "
+                        f"site '{name}' (it has {sorted(user)})."
+                    )
+                net = user[name]
+            elif user is not None:
+                net = user
+            else:
+                size = math.prod(event_shape) if event_shape else 1
+                module = ControlVariateNet(size, self.hidden_size, len(event_shape))
+                net = (module, module.init_params())
+            if not (isinstance(net, (tuple, list)) and len(net) == 2 and callable(net[0])):
+                raise ValueError(
+                    "RELAX_ELBO's control_variate must be None, an (apply_fn, "
+                    "init_params) pair or a dict of such pairs by site name; got "
+                    f"{type(net).__name__} for site '{name}'."
+                )
+            self._nets[name] = tuple(net)
+        return self._nets[name]
+
+    def _declare_site(self, name, kind, event_shape):
+        super()._declare_site(name, kind, event_shape)
+        numpyro.param(self.param_name(name, "control_variate"), self._net(name, event_shape)[1])
+
+    def _inspect_guide(self, rng_key, params, guide, args, kwargs):
+        if not hasattr(guide, "_bg_elbo"):
+            raise ValueError(
+                "RELAX_ELBO trains a control-variate network per discrete guide site, "
+                "declared by its wrapper: pass guide = elbo.wrap_guide(guide) to SVI "
+                "(and to this ELBO)."
+            )
+        return super()._inspect_guide(rng_key, params, guide, args, kwargs)
+
+    def adapted_names(self):
+        nets = [self.param_name(n, "control_variate") for n in self._discrete]
+        return super().adapted_names() + nets
+
+    def _read_adapted(self, param_map):
+        super()._read_adapted(param_map)
+        self._rho = {
+            name: param_map.get(self.param_name(name, "control_variate"), self._nets[name][1])
+            if name in self._nets else None
+            for name in self._discrete
+        }
+
+    def _particle_loss(self, rng_key, param_map, model, guide, args, kwargs, noise=None):
+        try:
+            return super()._particle_loss(
+                rng_key, param_map, model, guide, args, kwargs, noise=noise
+            )
+        finally:
+            self._rho = None
+
+    def control_variate(self, info, u, alpha, b, a, c):
+        event_shape = alpha.shape[alpha.ndim - info.alpha_event_dim:]
+        apply_fn, init = self._net(info.name, event_shape)
+        rho = self._rho.get(info.name)
+        rho = init if rho is None else rho
+        z = perturbed_logits(info.kind, alpha[a], u[a], b, False)
+        zt = perturbed_logits(info.kind, alpha[c], u[c], b, True)
+        batch = z.shape[: z.ndim - info.alpha_event_dim]
+        shape = batch + (1,) * info.event_dim
+        r_z = jnp.reshape(apply_fn(rho, z), shape)
+        r_zt = jnp.reshape(apply_fn(rho, zt), shape)
+        return r_z, r_zt
