@@ -51,14 +51,12 @@ def configs(full):
     gen_est = ("rebar", "disarm", "arm", "rloo")
     for m in gen_models:
         for e in gen_est:
-            if e == "rebar" and not full:
-                continue
             out.append((f"gen_{m}_{e}", "gen", m, e, "examples/sbn.py",
                         ["--preset", "rebar", "--model", m, "--estimator", e,
                          "--num-steps", str(b["gen_steps"]),
                          "--eval-every", str(max(1000, b["gen_steps"] // 20)),
                          "--eval-size", "500"]))
-    for e in (("rebar", "disarm", "arm") if full else ("disarm", "arm")):
+    for e in ("rebar", "disarm", "arm"):
         out.append((f"sp_linear1_{e}", "sp", "linear1", e, "examples/structured_prediction.py",
                     ["--preset", "rebar", "--model", "linear1", "--estimator", e,
                      "--num-steps", str(b["sp_steps"]),

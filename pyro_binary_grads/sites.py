@@ -40,7 +40,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
-from .estimators import antithetic_value, bernoulli_value, pair_value
+from .estimators import antithetic_value, bernoulli_value, pair_value, stick_breaking_value
 
 EVAL_PLATE = "_bg_evaluations"
 PARTICLE_PLATE = "_bg_particles"
@@ -276,13 +276,14 @@ def _check_guide_site(site, estimator_name, supports):
         handled = ", ".join(t.__name__ for t in supports)
         if isinstance(base, OneHotCategorical):
             way_out = (
-                "RLOO_ELBO and VIMCO (unbiased) and the straight-through family "
-                "(ST_ELBO, ReinMax_ELBO, ...) handle OneHotCategorical sites"
+                "DisARM_ELBO, REBAR_ELBO, RELAX_ELBO, RLOO_ELBO and VIMCO (unbiased) "
+                "and the straight-through family (ST_ELBO, ReinMax_ELBO, ...) handle "
+                "OneHotCategorical sites"
             )
         elif isinstance(base, Categorical):
             way_out = (
-                "RLOO_ELBO and VIMCO handle Categorical sites; the straight-through "
-                "family needs OneHotCategorical sites"
+                "DisARM_ELBO, RLOO_ELBO and VIMCO handle Categorical sites; REBAR, "
+                "RELAX and the straight-through family need OneHotCategorical sites"
             )
         else:
             way_out = "pyro.infer.TraceGraph_ELBO handles any discrete site"
@@ -310,6 +311,10 @@ class Plan:
     first ``k`` sites is flipped or relaxed in ``e``. Evaluations without
     relaxed sites are the *hard* ones.
     """
+
+    #: categorical sites sampled by stick-breaking, the flipped evaluations
+    #: taking the antithetic class (DisARM's categorical coupling); else Gumbel-argmax
+    stick_breaking = False
 
     def __init__(self, source, flips, value_fn=None, relax=None):
         #: optional ``value_fn(info, u, alpha, hard, relax) -> value``: the
@@ -517,6 +522,11 @@ class NoiseMessenger(Messenger):
             if not plan.flips_any(info.index):
                 return bernoulli_value(u, alpha)
             return pair_value(u, _compact(alpha), flip)
+        if plan.stick_breaking:
+            z = stick_breaking_value(u, alpha, flip)
+            if info.kind == "onehot":
+                return F.one_hot(z, alpha.shape[-1]).to(alpha.dtype)
+            return z
         return _categorical_value(u, alpha, info.kind == "onehot")
 
     def _replay_upstream(self, msg):
@@ -830,23 +840,34 @@ def site_signal(evals, info, U):
     return signal, alpha, value
 
 
-def pair_surrogate(evals, structure, U, pair_estimate):
+def pair_surrogate(evals, structure, U, pair_estimate, categorical_estimate=None):
     """
     ``(elbo, surrogate)`` of one draw of a pair estimator (ARM, DisARM): the
     ELBO averaged over the evaluations, and a surrogate whose gradient is
     pathwise for model parameters and reparameterized sites and
     ``pair_estimate`` (of the base and flipped evaluations of each site) for
-    the discrete sites' logits.
+    the discrete sites' logits; ``categorical_estimate(f, f_tilde, D, D_tilde,
+    alpha)`` for categorical sites (one-hot values, class dim last).
     """
     f = total_elbo(evals, U)
     num_particles = f.numel() // f.shape[-1]
     surr = f.mean()
     for name, info in structure.discrete.items():
         signal, alpha, value = site_signal(evals, info, U)
-        d = -(U + 1) - info.event_dim
+        d = -(U + 1) - info.alpha_event_dim
         j = info.index + 1
         alpha0 = alpha.narrow(d, 0, 1)
         u = evals.noise[name].reshape(alpha0.shape)
+        if info.kind != "bernoulli":  # one-hot values, signal over the class dim
+            if info.kind == "categorical":
+                value = F.one_hot(value.long(), alpha.shape[-1]).to(alpha.dtype)
+                signal = signal.unsqueeze(-1)
+            g = categorical_estimate(
+                signal.narrow(d, 0, 1), signal.narrow(d, j, 1),
+                value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
+            )
+            surr = surr + (alpha0 * g.detach()).sum() / num_particles
+            continue
         g = pair_estimate(
             signal.narrow(d, 0, 1), signal.narrow(d, j, 1), u,
             value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
