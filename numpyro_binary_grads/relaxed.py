@@ -505,15 +505,17 @@ class ControlVariateNet:
     def init_params(self, dtype=None):
         dtype = jnp.result_type(float) if dtype is None else dtype
         bound = 1.0 / math.sqrt(self.input_size)
-        kw, kb = random.split(random.PRNGKey(0))
         d, h = self.input_size, self.hidden_size
-        return {
-            "hidden": {
-                "w": random.uniform(kw, (d, h), dtype, -bound, bound),
-                "b": random.uniform(kb, (h,), dtype, -bound, bound),
-            },
-            "out": {"w": jnp.zeros((h, 1), dtype), "b": jnp.zeros((1,), dtype)},
-        }
+        # concrete even when first called under a trace (the values are cached)
+        with jax.ensure_compile_time_eval():
+            kw, kb = random.split(random.PRNGKey(0))
+            return {
+                "hidden": {
+                    "w": random.uniform(kw, (d, h), dtype, -bound, bound),
+                    "b": random.uniform(kb, (h,), dtype, -bound, bound),
+                },
+                "out": {"w": jnp.zeros((h, 1), dtype), "b": jnp.zeros((1,), dtype)},
+            }
 
     def __call__(self, params, z):
         if self.event_dim:
