@@ -90,7 +90,7 @@ CASES = {
         ("rebar 0.5 1.0", lambda: (REBAR_ELBO(temperature=0.5, eta=1.0, adapt=False), None)),
         ("rebar 0.5 0.0", lambda: (REBAR_ELBO(temperature=0.5, eta=0.0, adapt=False), None)),
     ]),
-    "sbn": (4000, [
+    "sbn": (3000, [
         ("rebar 0.5 1.0", lambda: (REBAR_ELBO(temperature=0.5, eta=1.0, adapt=False), None)),
         # a bad temperature: still unbiased
         ("rebar 5.0 1.5", lambda: (REBAR_ELBO(temperature=5.0, eta=1.5, adapt=False), None)),
@@ -205,7 +205,7 @@ def test_adapting_lowers_the_variance():
     guide = guide_mask(spec, names)
     (_, before), (_, after) = gradient_draws(
         [REBAR_ELBO(temperature=5.0, eta=0.3, adapt=False),
-         REBAR_ELBO(temperature=lam, eta=eta, adapt=False)], spec, names, 1000, 30)
+         REBAR_ELBO(temperature=lam, eta=eta, adapt=False)], spec, names, 500, 30)
     ratio = float(np.sum(after[guide]) / np.sum(before[guide]))
     print(f"REBAR: variance after / before adapting = {ratio:.3f} "
           f"(temperature 5.0 -> {lam:.3f}, eta 0.3 -> {eta:.3f})")
