@@ -61,3 +61,97 @@ def disarm(f, f_tilde, b, b_tilde, alpha):
     """
     sign = 1 - 2 * b_tilde
     return 0.5 * (f - f_tilde) * sign * (b != b_tilde) * jax.nn.sigmoid(jnp.abs(alpha))
+
+
+# ---------------------------------------------------------------------------
+# categorical sites: the stick-breaking antithetic coupling
+# ---------------------------------------------------------------------------
+
+
+def stick_breaking_logits(alpha):
+    """
+    :math:`\\beta_i = \\alpha_i - \\log\\sum_{j > i} e^{\\alpha_j}`,
+    :math:`i = 1..K-1` (class dim last): the logits of the binary decisions
+    "stop at class :math:`i`" of the stick-breaking construction, with
+    :math:`P(z = i) = \\sigma(\\beta_i)\\prod_{j < i}\\sigma(-\\beta_j) = \\mathrm{softmax}(\\alpha)_i`.
+    """
+    alpha = jnp.asarray(alpha)
+    rest = jax.lax.cumlogsumexp(alpha, axis=alpha.ndim - 1, reverse=True)[..., 1:]
+    return alpha[..., :-1] - rest
+
+
+def stick_breaking_order(alpha):
+    """
+    The class order of the stick-breaking construction: ascending logits
+    (``order[..., k]`` is the class in position ``k``). In this order every
+    stopping probability :math:`p_i = \\pi_{(i)} / \\sum_{j \\ge i} \\pi_{(j)}` is at
+    most :math:`\\tfrac12`, so the antithetic pair can take every pair of classes
+    and the importance weights of :func:`coupled_categorical` are finite (the
+    estimator is biased in another order whenever some :math:`p_i > \\tfrac12`).
+    """
+    return jnp.argsort(jax.lax.stop_gradient(alpha), axis=-1)
+
+
+def stick_breaking_value(u, alpha, flip):
+    """
+    The class :math:`z` of the stick-breaking construction in the order of
+    :func:`stick_breaking_order`: the first position :math:`i` with
+    :math:`u_i < \\sigma(\\beta_i)` (the last if none), from the first
+    :math:`K - 1` uniforms of ``u`` (shaped like ``alpha``); where ``flip`` is
+    true (a bool, possibly traced, broadcastable to the batch shape), the
+    antithetic :math:`\\tilde z` from :math:`1 - u` (Dong, Mnih & Tucker
+    2021). Both are distributed as :math:`\\mathrm{Cat}(\\mathrm{softmax}(\\alpha))`.
+    Returns class indices (int).
+    """
+    order = stick_breaking_order(alpha)
+    beta = stick_breaking_logits(jnp.take_along_axis(alpha, order, -1))
+    logit_u = jnp.log(u[..., :-1]) - jnp.log1p(-u[..., :-1])
+    logit_u = jnp.where(jnp.asarray(flip)[..., None], -logit_u, logit_u)
+    stop = jnp.concatenate([logit_u < beta, jnp.ones_like(beta[..., :1], dtype=bool)], -1)
+    position = jnp.argmax(stop, -1, keepdims=True)  # the first True
+    return jnp.take_along_axis(order, position, -1)[..., 0]
+
+
+def coupled_categorical(f, f_tilde, D, D_tilde, alpha):
+    """
+    The stick-breaking antithetic estimator with importance weights for a
+    categorical site (Dong, Mnih & Tucker, "Coupled gradient estimators for
+    discrete latent variables", NeurIPS 2021; the authors' ``importance_weight``
+    option; ``ESTIMATORS.md`` section 8): in the order of
+    :func:`stick_breaking_order`, with :math:`z \\ne \\tilde z` the coupled pair
+    and :math:`n` the earlier of their positions,
+
+    .. math::
+        \\hat g_\\alpha = \\tfrac12\\, w\\, \\big(f(z) - f(\\tilde z)\\big)
+            \\big(\\mathrm{onehot}(z) - \\mathrm{onehot}(\\tilde z)\\big),
+        \\qquad
+        w = \\sigma(|\\beta_n|) \\prod_{i < n} \\frac{(1 - p_i)^2}{1 - 2 p_i},
+
+    :math:`p_i = \\sigma(\\beta_i)`, :math:`w = q(z) q(\\tilde z) / P(z, \\tilde z)`;
+    zero when :math:`z = \\tilde z`. For :math:`K = 2` it is :func:`disarm`.
+    ``D``, ``D_tilde``: one-hot values (class dim last).
+    """
+    K = alpha.shape[-1]
+    diff = D - D_tilde
+    if K < 2:  # one class: z = z~ always
+        return jnp.zeros(jnp.broadcast_shapes(jnp.shape(f), diff.shape), alpha.dtype)
+    order = stick_breaking_order(alpha)
+    beta = stick_breaking_logits(jnp.take_along_axis(alpha, order, -1))
+    p = jax.nn.sigmoid(beta)
+    # log (1 - p)^2 / (1 - 2p), p < 1/2 in this order (p = 1/2 only at the last
+    # position, on ties of the two largest logits, and never in a prefix)
+    q = jnp.minimum(p, 0.5 - jnp.finfo(p.dtype).eps)
+    log_factor = 2 * jnp.log1p(-q) - jnp.log1p(-2 * q)
+    log_prefix = jnp.cumsum(log_factor, -1) - log_factor  # sum over i < n
+    shape = jnp.broadcast_shapes(D.shape, D_tilde.shape, order.shape)
+    order_b = jnp.broadcast_to(order, shape)
+    pos = jnp.argmax(jnp.take_along_axis(jnp.broadcast_to(D, shape), order_b, -1), -1,
+                     keepdims=True)
+    pos_t = jnp.argmax(jnp.take_along_axis(jnp.broadcast_to(D_tilde, shape), order_b, -1), -1,
+                       keepdims=True)
+    n = jnp.minimum(jnp.minimum(pos, pos_t), K - 2)
+    beta_b = jnp.broadcast_to(beta, shape[:-1] + (K - 1,))
+    log_prefix = jnp.broadcast_to(log_prefix, shape[:-1] + (K - 1,))
+    w = (jax.nn.sigmoid(jnp.abs(jnp.take_along_axis(beta_b, n, -1)))
+         * jnp.exp(jnp.take_along_axis(log_prefix, n, -1)))
+    return 0.5 * w * (f - f_tilde) * diff
