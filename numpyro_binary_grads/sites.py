@@ -9,7 +9,9 @@ possibly ``.to_event`` / expanded / masked, inside plates, possibly depending
 on earlier sites) :class:`NoiseMessenger` draws the site's noise itself and
 sets the value from noise and logits: ``b = 1[u < sigmoid(alpha)]`` for a
 Bernoulli site, Gumbel-argmax ``argmax(alpha - log(-log u))`` from uniforms
-shaped like the logits (class dim included) for a categorical one.
+shaped like the logits (class dim included) for a categorical one, or, when
+the plan asks for it (``Plan.stick_breaking``, DisARM), stick-breaking from
+the same uniforms (:func:`~numpyro_binary_grads.estimators.stick_breaking_value`).
 
 Which configurations are evaluated is a :class:`Plan`: evaluation ``e`` uses
 noise draw ``source[e]`` of every discrete site and takes the antithetic
@@ -23,7 +25,9 @@ values (``Plan.relax`` codes, passed to the plan's ``value_fn``). The
 uniforms of site ``j`` in draw ``s`` are
 ``uniform(fold_in(fold_in(noise_key, j), s), shape)`` (no fold with ``s``
 when the plan has one draw), so ``jax.vmap`` and ``jax.lax.map`` over the
-evaluations give the same numbers.
+evaluations give the same numbers. Where the plan has
+``stick_breaking`` (DisARM), a flipped categorical site takes the antithetic
+stick-breaking class instead.
 
 Continuous (reparameterized) guide sites: every evaluation runs with the same
 guide key, and the key the ``seed`` handler gives a continuous latent site is
@@ -82,7 +86,7 @@ from numpyro.primitives import Messenger
 from numpyro.util import _validate_model, check_model_guide_match, not_jax_tracer
 
 from .distributions import OneHotCategorical
-from .estimators import antithetic_value, bernoulli_value
+from .estimators import antithetic_value, bernoulli_value, stick_breaking_value
 
 __all__ = [
     "Evaluations",
@@ -241,16 +245,23 @@ def _check_guide_site(msg, owner, supports):
             "a reparameterizable distribution or numpyro.infer.TraceGraph_ELBO."
         )
     handled = ", ".join(_KINDS[k] for k in supports)
-    hint = ""
-    if kind in ("categorical", "onehot"):
-        hint = (
-            " Categorical sites are handled by score-function estimators such "
-            "as RLOO_ELBO, VIMCO or numpyro.infer.TraceGraph_ELBO;"
+    if kind == "onehot":
+        way_out = (
+            "DisARM_ELBO, REBAR_ELBO, RELAX_ELBO, RLOO_ELBO and VIMCO (unbiased) "
+            "and the straight-through family (ST_ELBO, ReinMax_ELBO, ...) handle "
+            "OneHotCategorical sites"
         )
+    elif kind == "categorical":
+        way_out = (
+            "DisARM_ELBO, RLOO_ELBO and VIMCO handle Categorical sites; REBAR, "
+            "RELAX and the straight-through family need OneHotCategorical sites"
+        )
+    else:
+        way_out = "numpyro.infer.TraceGraph_ELBO handles any discrete site"
     raise NotImplementedError(
         f"Guide site '{name}' has a {type(base).__name__} distribution, which "
-        f"{owner} does not handle (it handles {handled})." + hint
-        + " Use numpyro.infer.TraceGraph_ELBO for this guide, or change the site."
+        f"{owner} does not handle (it handles {handled}). {way_out}; "
+        "use one of those for this guide, or change the site."
     )
 
 
@@ -343,6 +354,10 @@ class Plan:
     the *hard* ones.
     """
 
+    #: categorical sites sampled by stick-breaking, the flipped evaluations
+    #: taking the antithetic class (DisARM's categorical coupling); else Gumbel-argmax
+    stick_breaking = False
+
     def __init__(self, source, flips, value_fn=None, relax=None):
         #: optional ``value_fn(info, u, alpha, hard, relax) -> value``: the
         #: value a discrete site takes given its noise, logits, hard sample and
@@ -433,6 +448,15 @@ def _categorical_value(u, alpha, one_hot):
     return z.astype(jnp.result_type(int))
 
 
+def _stick_breaking_value(u, alpha, flip, one_hot):
+    """The stick-breaking class (antithetic where ``flip``), as
+    :func:`_categorical_value` returns it."""
+    z = stick_breaking_value(u, alpha, flip)
+    if one_hot:
+        return jax.nn.one_hot(z, alpha.shape[-1], dtype=alpha.dtype)
+    return z.astype(jnp.result_type(int))
+
+
 class NoiseMessenger(Messenger):
     """
     Owns the noise of the discrete guide sites of one evaluation.
@@ -494,10 +518,15 @@ class NoiseMessenger(Messenger):
         alpha = site_logits(fn, kind, shape)
         _check_finite(name, alpha)
         u = self._uniform(name, index, alpha)
+        flip = False
+        if self.plan is not None and self.plan.flips_any(index):
+            flip = self.flips[index]  # a traced bool under vmap
         if kind == "bernoulli":
             hard = bernoulli_value(u, alpha)
-            if self.plan is not None and self.plan.flips_any(index):
-                hard = jnp.where(self.flips[index], antithetic_value(u, alpha), hard)
+            if flip is not False:
+                hard = jnp.where(flip, antithetic_value(u, alpha), hard)
+        elif self.plan is not None and self.plan.stick_breaking:
+            hard = _stick_breaking_value(u, alpha, flip, kind == "onehot")
         else:
             hard = _categorical_value(u, alpha, kind == "onehot")
         if self.plan is not None and self.plan.value_fn is not None:
@@ -944,19 +973,27 @@ def site_signal(evals, info):
     return _expand(signal, info.signal_ndim, alpha, info.alpha_event_dim), alpha, value
 
 
-def pair_surrogate(evals, structure, pair_estimate):
+def pair_surrogate(evals, structure, pair_estimate, categorical_estimate=None):
     """
     ``(elbo, surrogate)`` of one draw of a pair estimator (ARM, DisARM): the
     ELBO averaged over the evaluations, and a surrogate whose gradient is
     pathwise for model parameters and reparameterized sites and
     ``pair_estimate(f, f_tilde, u, b, b_tilde, alpha)`` (of the base and
-    flipped evaluations of each site) for the discrete sites' logits.
+    flipped evaluations of each site) for the discrete sites' logits;
+    ``categorical_estimate(f, f_tilde, D, D_tilde, alpha)`` for categorical
+    sites (one-hot values, class dim last; the signal already has a size-1
+    class dim, see :func:`site_signal`).
     """
     f = total_elbo(evals)
     surr = jnp.mean(f)
     for info in structure.discrete.values():
         signal, alpha, value = site_signal(evals, info)
         j = info.index + 1
+        if info.kind != "bernoulli":  # one-hot values, signal over the class dim
+            D = _float_value(info, alpha, value)
+            g = categorical_estimate(signal[0], signal[j], D[0], D[j], stop_gradient(alpha[0]))
+            surr = surr + jnp.sum(alpha[0] * stop_gradient(g))
+            continue
         u = evals.sites[info.name][1][0]
         b = jnp.asarray(value[0], alpha.dtype)
         b_tilde = jnp.asarray(value[j], alpha.dtype)
