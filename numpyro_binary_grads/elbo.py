@@ -147,11 +147,17 @@ class _PairELBO(SiteELBO):
     vectorized over :math:`E = 1 + T` evaluations.
     """
 
+    #: the estimator of categorical sites (None: Bernoulli sites only)
+    categorical_estimate = None
+
     def plan(self, num_sites):
-        return Plan.pairs(num_sites)
+        plan = Plan.pairs(num_sites)
+        plan.stick_breaking = self.categorical_estimate is not None
+        return plan
 
     def value_and_surrogate(self, evals, structure):
-        return pair_surrogate(evals, structure, self.pair_estimate)
+        return pair_surrogate(evals, structure, self.pair_estimate,
+                              self.categorical_estimate)
 
     @staticmethod
     def pair_estimate(f, f_tilde, u, b, b_tilde, alpha):
@@ -185,7 +191,7 @@ class ARM_ELBO(_PairELBO):
     sees its own log-prob terms plus the global ones. Discrete guide sites
     must be Bernoulli (logits or probs, possibly ``.to_event``, expanded,
     masked, inside plates, subsampled); categorical sites raise (use
-    :class:`RLOO_ELBO` or ``TraceGraph_ELBO``).
+    :class:`DisARM_ELBO`, :class:`RLOO_ELBO` or ``VIMCO``).
     """ + _COMMON_DOC + """
     Example::
 
@@ -221,7 +227,17 @@ class DisARM_ELBO(_PairELBO):
     :class:`ARM_ELBO`: pathwise gradients for model parameters and
     reparameterized sites, :math:`1 + T` evaluations for :math:`T` discrete
     guide sites with common random numbers downstream, plate-local learning
-    signals, Bernoulli sites only.
+    signals.
+
+    ``Categorical`` and :class:`~numpyro_binary_grads.OneHotCategorical` sites
+    get the categorical DisARM of [3]: the class is drawn by stick-breaking
+    (binary decisions "stop at class :math:`i`" with logits
+    :math:`\\beta_i = \\alpha_i - \\log\\sum_{j>i} e^{\\alpha_j}`, classes in ascending
+    order of their logits), its antithetic partner :math:`\\tilde z` from the
+    same uniforms reflected, and the pair is importance-weighted
+    (:func:`~numpyro_binary_grads.estimators.coupled_categorical`); unbiased, one
+    extra evaluation per site as for a Bernoulli site, equal to DisARM for two
+    classes.
     """ + _COMMON_DOC + """
     Example::
 
@@ -236,11 +252,18 @@ class DisARM_ELBO(_PairELBO):
         Estimator for Binary Latent Variables", NeurIPS 2020.
     [2] Mingzhang Yin, Mingyuan Zhou, "ARM: Augment-REINFORCE-Merge Gradient
         for Stochastic Binary Networks", ICLR 2019.
+    [3] Zhe Dong, Andriy Mnih, George Tucker, "Coupled Gradient Estimators
+        for Discrete Latent Variables", NeurIPS 2021 (importance-weighted
+        stick-breaking coupling).
     """
+
+    supports = ("bernoulli", "categorical", "onehot")
 
     @staticmethod
     def pair_estimate(f, f_tilde, u, b, b_tilde, alpha):
         return estimators.disarm(f, f_tilde, b, b_tilde, alpha)
+
+    categorical_estimate = staticmethod(estimators.coupled_categorical)
 
 
 class RLOO_ELBO(SiteELBO):
