@@ -205,7 +205,7 @@ class REBAR_ELBO(SiteELBO):
         state, loss = jax.jit(svi.update)(state, data)
 
     The ELBO reads the adapted values from the ``param_map`` it is given
-    (the values of the initial declaration where the map lacks them). With
+    (an error names any it lacks). With
     ``adapt=False`` they stay fixed and no wrapping is needed
     (``REBAR_ELBO(temperature=0.1, adapt=False)`` is "REBAR (0.1)" of [1]).
 
@@ -345,14 +345,25 @@ class REBAR_ELBO(SiteELBO):
         self._discrete = [name for name, _ in found["sites"]]
         return found["params"]
 
+    def _adapted_value(self, param_map, name, what):
+        key = self.param_name(name, what)
+        if key not in param_map:
+            raise ValueError(
+                f"{type(self).__name__} reads its adapted parameter '{key}' from the "
+                "params it is given, but they lack it. Pass the params of the SVI "
+                "state (svi.get_params(state), which holds what elbo.wrap_guide(guide) "
+                "declared), or use adapt=False."
+            )
+        return param_map[key]
+
     def _read_adapted(self, param_map):
         """This particle's temperature and eta per site, from ``param_map``."""
         psi = {}
         for name in self._discrete:
             if self.adapt:
                 psi[name] = (
-                    param_map.get(self.param_name(name, "temperature"), self.temperature),
-                    param_map.get(self.param_name(name, "eta"), self.eta),
+                    self._adapted_value(param_map, name, "temperature"),
+                    self._adapted_value(param_map, name, "eta"),
                 )
             else:
                 psi[name] = (self.temperature, self.eta)
@@ -629,7 +640,7 @@ class RELAX_ELBO(REBAR_ELBO):
     def _read_adapted(self, param_map):
         super()._read_adapted(param_map)
         self._rho = {
-            name: param_map.get(self.param_name(name, "control_variate"), self._nets[name][1])
+            name: self._adapted_value(param_map, name, "control_variate")
             if name in self._nets else None
             for name in self._discrete
         }

@@ -5,9 +5,9 @@ mirroring tests/pyro/test_relaxed.py.
 1. Unbiased against the exact gradient (tests/numpyro/numpyro_oracle.py) for
    fixed temperature and eta (``adapt=False``; eta = 0 and a bad temperature
    included), Bernoulli and one-hot sites, one and two layers, a
-   reparameterized site upstream; RELAX with a fixed random network (once
-   given as its constructor's initial params, once through ``param_map``,
-   which adds the variance term to the loss). The mean of many single-step
+   reparameterized site upstream; RELAX with a fixed random network (the
+   default one and a user's), through ``param_map`` as SVI passes it (which
+   adds the variance term to the loss; missing values raise). The mean of many single-step
    gradients (``jax.grad`` of ``elbo.loss`` vmapped over keys, one jit per
    structure for all its estimators) is within 5 standard errors of the
    exact gradient in every coordinate, from 30 batch means; every case checks
@@ -74,11 +74,15 @@ def random_net(spec_name, site, hidden=16, seed=3):
     return net, dict(params, out={"w": w, "b": jnp.full((1,), 0.05)})
 
 
-def relax_in_param_map(spec_name, site):
+def relax_in_param_map(spec_name, site, user_net=False):
     """RELAX whose random network comes through ``param_map`` (the SVI path:
-    the loss then carries the variance term for the network)."""
+    the loss then carries the variance term for the network); with
+    ``user_net`` the network is also the user's (constructor argument)."""
     net, params = random_net(spec_name, site)
-    elbo = RELAX_ELBO(temperature=0.5, adapt=False, hidden_size=16)
+    if user_net:
+        elbo = RELAX_ELBO(control_variate=(net, params), temperature=0.5, adapt=False)
+    else:
+        elbo = RELAX_ELBO(temperature=0.5, adapt=False, hidden_size=16)
     extra = {f"_bg_{site}_control_variate": params}
     return elbo, extra
 
@@ -104,9 +108,7 @@ CASES = {
     ]),
     "onehot_plate": (2000, [
         ("rebar 0.5 1.0", lambda: (REBAR_ELBO(temperature=0.5, eta=1.0, adapt=False), None)),
-        ("relax random net (init)", lambda: (RELAX_ELBO(
-            control_variate=random_net("onehot_plate", "z"), temperature=0.5, adapt=False),
-            None)),
+        ("relax random user net", lambda: relax_in_param_map("onehot_plate", "z", True)),
     ]),
     "onehot_two_layer": (2000, [
         ("rebar 0.5 1.0", lambda: (REBAR_ELBO(temperature=0.5, eta=1.0, adapt=False), None)),
@@ -326,9 +328,10 @@ def test_default_network_first_built_under_a_trace():
     elbo = RELAX_ELBO(hidden_size=4)
     wrapped = elbo.wrap_guide(guide)
     params = init_params(spec)
-    for _ in range(2):
-        jax.eval_shape(lambda p: elbo.loss(jax.random.PRNGKey(0), p, model, wrapped, *args),
-                       params)
+    for _ in range(2):  # the network is built, then the missing adapted values raise
+        with pytest.raises(ValueError, match="lack it"):
+            jax.eval_shape(
+                lambda p: elbo.loss(jax.random.PRNGKey(0), p, model, wrapped, *args), params)
     net, init = elbo._nets["b"]
     assert all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
                for x in jax.tree.leaves(init))
