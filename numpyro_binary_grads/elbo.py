@@ -174,7 +174,7 @@ _COMMON_DOC = """
 
 
 class ARM_ELBO(_PairELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its discrete Bernoulli guide sites estimated by
     ARM, the augment-REINFORCE-merge estimator [1] (Theorem 1, eq. (4))
 
@@ -213,7 +213,7 @@ class ARM_ELBO(_PairELBO):
 
 
 class DisARM_ELBO(_PairELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its discrete Bernoulli guide sites estimated by
     DisARM [1] (Sec. 3), the Rao-Blackwellisation of ARM [2] over the noise
     given the antithetic pair:
@@ -267,7 +267,7 @@ class DisARM_ELBO(_PairELBO):
 
 
 class RLOO_ELBO(SiteELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its discrete guide sites estimated by
     REINFORCE with the leave-one-out baseline [1] on ``num_samples``
     independent samples:

@@ -159,7 +159,7 @@ def relax(kind, z, temperature):
 
 
 class REBAR_ELBO(SiteELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its discrete guide sites (``Bernoulli`` and
     :class:`~numpyro_binary_grads.OneHotCategorical`) estimated by REBAR [1]:
     the REINFORCE estimator with the ELBO integrand at the concrete relaxation

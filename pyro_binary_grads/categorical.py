@@ -221,7 +221,7 @@ _COMMON_PARAMS = """
 
 
 class ST_ELBO(_StraightThroughELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
     ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through estimator [1] in its slope-annealed
@@ -261,7 +261,7 @@ class ST_ELBO(_StraightThroughELBO):
 
 
 class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
     ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by the straight-through Gumbel-softmax estimator ([1] Sec. 2.2;
@@ -295,7 +295,7 @@ class GumbelSoftmaxST_ELBO(_StraightThroughELBO):
 
 
 class GumbelRao_ELBO(_StraightThroughELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites
     estimated by Gumbel-Rao, the Rao-Blackwellised straight-through
     Gumbel-softmax estimator [1] (eqs. (7), (9), (10)):
@@ -345,7 +345,7 @@ class GumbelRao_ELBO(_StraightThroughELBO):
 
 
 class ReinMax_ELBO(_StraightThroughELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites (and
     ``Bernoulli`` sites, as two classes: :func:`two_classes`)
     estimated by ReinMax [1] (Algorithm 2; formula as in the authors' code,
@@ -393,7 +393,7 @@ class ReinMax_ELBO(_StraightThroughELBO):
 
 
 class ReinMaxRao_ELBO(_StraightThroughELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites
     estimated by ReinMax-Rao [1] (*provisional*: formula of ``ESTIMATORS.md``
     section 7, as in the authors' development code ``danielwang0452/ReinMax_ASC``,
@@ -449,7 +449,7 @@ class ReinMaxRao_ELBO(_StraightThroughELBO):
 
 
 class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
-    """
+    __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites
     estimated by ReinMax-CV [1] (*provisional*: formula of ``ESTIMATORS.md``
     section 7; see the notes below): ReinMax at temperature 1 plus

@@ -1,4 +1,5 @@
 """The two packages mirror each other: same public names, same estimator arguments."""
+import pytest
 
 import inspect
 
@@ -24,3 +25,20 @@ def test_same_estimator_arguments():
 
         assert keyword_only(p) == keyword_only(n), name
         assert "num_particles" in inspect.signature(n.__init__).parameters, name
+
+
+@pytest.mark.parametrize("package", ["pyro_binary_grads", "numpyro_binary_grads"])
+def test_every_public_class_has_a_docstring_with_citation(package):
+    """A class docstring built as ``\"\"\"...\"\"\" + X`` is an expression, not a
+    docstring (``__doc__`` is None and the docs show nothing): assign it."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if not inspect.isclass(obj):
+            continue
+        assert obj.__doc__, f"{package}.{name} has no docstring"
+        if name.endswith("_ELBO") or name in ("VIMCO", "LocalDisARM_IWAE"):
+            assert "[1]" in obj.__doc__, f"{package}.{name} cites no paper"
