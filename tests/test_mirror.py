@@ -1,7 +1,8 @@
 """The two packages mirror each other: same public names, same estimator arguments."""
-import pytest
 
 import inspect
+
+import pytest
 
 import numpyro_binary_grads
 import pyro_binary_grads
