@@ -34,6 +34,8 @@ def test_public_names():
         # categorical (straight-through family)
         "GumbelRao_ELBO", "GumbelSoftmaxST_ELBO", "ReinMaxCV_ELBO", "ReinMaxRao_ELBO",
         "ReinMax_ELBO", "ST_ELBO",
+        # relaxation control variates
+        "REBAR_ELBO", "RELAX_ELBO",
     }
     for cls in (ARM_ELBO, DisARM_ELBO):
         assert cls.can_infer_discrete
