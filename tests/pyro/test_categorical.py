@@ -431,16 +431,64 @@ def test_reinmax_rao_variance():
     assert ratio + 3 * se < 1
 
 
-@pytest.mark.xfail(strict=True, reason="measured: ReinMax-CV (spec formula, eta=1) has a "
-                   "higher gradient variance than ReinMax on these models")
-def test_reinmax_cv_variance():
-    out = []
-    for a0, w in ((A8, W8), (A0[0], W0)):
-        ratio, se = variance_ratio(lambda: ReinMaxCV_ELBO(num_samples=10), a0, w)
-        print(f"\nVar(ReinMax-CV tau=1 eta=1 K=10) / Var(ReinMax), {a0.size} classes: "
-              f"{ratio:.3f} +- {se:.3f}")
-        out.append(ratio)
-    assert max(out) < 1
+def exact_element_gradient(a0, w, y=0.3):
+    """The exact loss gradient of one plate element of
+    :func:`per_element_gradients`' model, by enumeration of its classes."""
+    a = torch.tensor(a0, requires_grad=True)
+    logq = torch.log_softmax(a, -1)
+    h = dist.Normal(torch.as_tensor(w), 1.0).log_prob(torch.tensor(y)) - np.log(a0.size)
+    (grad,) = torch.autograd.grad(-(logq.exp() * (h - logq)).sum(), [a])
+    return grad.numpy()
+
+
+VARIANTS = [
+    ("ReinMax tau=1", lambda: ReinMax_ELBO()),
+    ("ReinMax tau=2 (biased)", lambda: ReinMax_ELBO(temperature=2.0)),
+    ("ReinMax-Rao K=10", lambda: ReinMaxRao_ELBO(num_samples=10)),
+    ("ReinMax-CV eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10)),
+    ("ReinMax-CV eta=0.5 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, eta=0.5)),
+]
+
+
+def bias_variance_mse(g, exact, blocks=10):
+    """Per block of rows of ``g`` (n, classes): squared bias (corrected for the
+    block mean's own variance), total variance and MSE = E|g - exact|^2, as (mean over blocks, standard error); and the
+    max |z| of the mean against ``exact``."""
+    n, k = g.shape
+    gb = g.reshape(blocks, n // blocks, k)
+    var = gb.var(1, ddof=1).sum(-1)
+    bias2 = ((gb.mean(1) - exact) ** 2).sum(-1) - var / (n // blocks)  # unbiased
+    mse = ((gb - exact) ** 2).sum(-1).mean(-1)
+    z = (g.mean(0) - exact) / (g.std(0, ddof=1) / np.sqrt(n))
+    se = lambda t: t.std(ddof=1) / np.sqrt(blocks)  # noqa: E731
+    return {"bias2": (bias2.mean(), se(bias2)), "var": (var.mean(), se(var)),
+            "mse": (mse.mean(), se(mse)), "max_z": np.abs(z).max()}
+
+
+@pytest.mark.parametrize("a0,w", [(A8, W8), (A0[0], W0)], ids=["8 classes", "4 classes"])
+def test_reinmax_variants_bias_variance_mse(a0, w):
+    """
+    ReinMax (tau = 1) is second-order accurate (Liu et al. 2023), so exact when
+    f is quadratic in D, as here (Gaussian likelihood of D . w): its mean is
+    asserted to equal the enumerated gradient (5 SE), and ReinMax at tau = 2 must
+    fail that check. ReinMax-Rao and ReinMax-CV are compared to ReinMax by MSE to
+    the exact gradient, printed with standard errors, not asserted (DESIGN.md,
+    "Variance orderings": comparisons of biased estimators are reported). Measured
+    (20,000 draws): ReinMax-CV's variance is 1.0-1.2x ReinMax's on both models, so
+    the issue's "ReinMax-CV variance < ReinMax" is reported, not asserted.
+    """
+    exact = exact_element_gradient(a0, w)
+    print(f"\n{a0.size} classes, exact gradient {np.round(exact, 4)}")
+    print(f"{'estimator':26s}{'|bias|^2':>20s}{'variance':>20s}{'MSE':>20s}{'MSE/ReinMax':>13s}"
+          f"{'max|z|':>8s}")
+    out = {}
+    for label, make in VARIANTS:
+        out[label] = r = bias_variance_mse(per_element_gradients(make(), a0, w, 20000), exact)
+        cells = "".join(f"{r[k][0]:11.2e} +- {r[k][1]:.0e}" for k in ("bias2", "var", "mse"))
+        print(f"{label:26s}{cells}{r['mse'][0] / out['ReinMax tau=1']['mse'][0]:13.3f}"
+              f"{r['max_z']:8.1f}")
+    assert out["ReinMax tau=1"]["max_z"] < 5
+    assert out["ReinMax tau=2 (biased)"]["max_z"] > 5
 
 
 @pytest.mark.parametrize(
