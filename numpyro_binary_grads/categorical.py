@@ -45,7 +45,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
 from .elbo import SiteELBO
-from .sites import Plan, _base_dist, _kind, total_elbo
+from .sites import Plan, check_one_hot, total_elbo
 
 __all__ = [
     "GumbelRao_ELBO",
@@ -239,27 +239,17 @@ class _StraightThroughELBO(SiteELBO):
 
         def fn(key, params):
             tr = trace(seed(substitute(guide, data=params), key)).get_trace(*args, **kwargs)
-            for name, site in tr.items():
-                if (site["type"] == "sample" and not site.get("is_observed", False)
-                        and not site["fn"].has_rsample
-                        and _kind(_base_dist(site["fn"])) == "categorical"):
-                    found.append(name)
+            found.extend((name, site["fn"]) for name, site in tr.items()
+                         if site["type"] == "sample" and not site.get("is_observed", False)
+                         and not site["fn"].has_rsample)
             return jnp.zeros(())
 
         with validation_enabled(False):
             jax.eval_shape(fn, rng_key, params)
-        if found:
-            raise NotImplementedError(
-                f"Guide site '{found[0]}' is a Categorical (integer-valued) site. "
-                f"{type(self).__name__} differentiates the integrand through "
-                "the sample's value, which needs a one-hot sample: use "
-                "numpyro_binary_grads.OneHotCategorical(logits=...) in the guide "
-                "and the model (one-hot float values; index with a matrix "
-                "product, e.g. value @ table, rather than table[value]), or "
-                "keep the Categorical site and use an unbiased estimator "
-                "such as numpyro_binary_grads.RLOO_ELBO."
-            )
-
+        for name, site_fn in found:
+            check_one_hot(name, site_fn, type(self).__name__,
+                          "differentiates the integrand through the sample's value",
+                          "an unbiased estimator such as numpyro_binary_grads.RLOO_ELBO")
 
 _COMMON_PARAMS = """
     :param int num_particles: independent estimator draws averaged per step.

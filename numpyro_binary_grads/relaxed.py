@@ -52,7 +52,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import block, seed, substitute, trace
 
 from .elbo import _COMMON_DOC, SiteELBO
-from .sites import Plan, _base_dist, _expand, _float_value, _kind, score, total_elbo
+from .sites import Plan, _base_dist, _expand, _float_value, _kind, check_one_hot, score, total_elbo
 
 __all__ = [
     "ControlVariateNet",
@@ -318,22 +318,16 @@ class REBAR_ELBO(SiteELBO):
             tr = trace(seed(substitute(guide, data=params), key)).get_trace(*args, **kwargs)
             found["params"] = [n for n, site in tr.items() if site["type"] == "param"]
             found["sites"] = [
-                (n, _kind(_base_dist(site["fn"]))) for n, site in tr.items()
-                if _is_discrete_latent(site)
+                (n, site["fn"]) for n, site in tr.items() if _is_discrete_latent(site)
             ]
             return jnp.zeros(())
 
         with validation_enabled(False):
             jax.eval_shape(fn, rng_key, params)
-        for name, kind in found["sites"]:
-            if kind == "categorical":
-                raise NotImplementedError(
-                    f"Guide site '{name}' is a Categorical (integer-valued) site. "
-                    f"{type(self).__name__} evaluates the model at relaxed one-hot "
-                    "values; write the site as a numpyro_binary_grads.OneHotCategorical "
-                    "(and use the one-hot value in model and guide, e.g. value @ table "
-                    "rather than table[value]), or use RLOO_ELBO / VIMCO."
-                )
+        for name, site_fn in found["sites"]:
+            check_one_hot(name, site_fn, type(self).__name__,
+                          "evaluates the model at relaxed one-hot values",
+                          "RLOO_ELBO, DisARM_ELBO or VIMCO")
             prefix = self.param_name(name, "")
             if self.adapts and not any(n.startswith(prefix) for n in found["params"]):
                 raise ValueError(

@@ -221,6 +221,23 @@ def site_log_prob(site, detach=False):
     return lp
 
 
+def check_one_hot(name, fn, estimator_name, why, alternatives):
+    """
+    Raise for an integer ``Categorical`` guide site ``name`` (distribution
+    ``fn``) where ``estimator_name`` needs one-hot values (``why``), pointing
+    to ``OneHotCategorical`` and to ``alternatives``.
+    """
+    if _kind(_base_dist(fn)) == "categorical":
+        raise NotImplementedError(
+            f"Guide site '{name}' is a Categorical (integer-valued) site. "
+            f"{estimator_name} {why}, which needs a one-hot sample: use "
+            "numpyro_binary_grads.OneHotCategorical(logits=...) in the guide and the "
+            "model (one-hot float values; index with a matrix product, e.g. "
+            "value @ table, rather than table[value]), or keep the Categorical "
+            f"site and use {alternatives}."
+        )
+
+
 def _check_guide_site(msg, owner, supports):
     """Trace-time checks of a latent guide sample site; True if we own it."""
     name, fn = msg["name"], msg["fn"]

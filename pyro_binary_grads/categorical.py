@@ -31,12 +31,12 @@ output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7.
 import math
 
 import torch
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+from torch.distributions import Bernoulli, OneHotCategorical
 
 import pyro.poutine as poutine
 
 from .elbo import SiteELBO
-from .sites import Plan, _base_dist, is_discrete_latent, total_elbo
+from .sites import Plan, check_one_hot, is_discrete_latent, total_elbo
 
 
 # ---------------------------------------------------------------------------
@@ -194,18 +194,9 @@ class _StraightThroughELBO(SiteELBO):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or not is_discrete_latent(site):
                     continue
-                base = _base_dist(site["fn"])
-                if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
-                    raise NotImplementedError(
-                        f"Guide site '{name}' is a Categorical (integer-valued) site. "
-                        f"{type(self).__name__} differentiates the integrand through "
-                        "the sample's value, which needs a one-hot sample: use "
-                        "pyro_binary_grads.OneHotCategorical(logits=...) in the guide "
-                        "and the model (one-hot float values; index with a matrix "
-                        "product, e.g. value @ table, rather than table[value]), or "
-                        "keep the Categorical site and use an unbiased estimator "
-                        "such as pyro_binary_grads.RLOO_ELBO."
-                    )
+                check_one_hot(name, site["fn"], type(self).__name__,
+                              "differentiates the integrand through the sample's value",
+                              "an unbiased estimator such as pyro_binary_grads.RLOO_ELBO")
         super()._setup(model, guide, args, kwargs)
 
 

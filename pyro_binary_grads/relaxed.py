@@ -36,13 +36,13 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical, constraints
+from torch.distributions import Bernoulli, OneHotCategorical, constraints
 
 import pyro
 import pyro.poutine as poutine
 
 from .elbo import SiteELBO
-from .sites import Plan, _base_dist, is_discrete_latent, score, total_elbo, learning_signal
+from .sites import Plan, check_one_hot, is_discrete_latent, learning_signal, score, total_elbo
 
 
 # ---------------------------------------------------------------------------
@@ -280,14 +280,9 @@ class REBAR_ELBO(SiteELBO):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or not is_discrete_latent(site):
                 continue
-            base = _base_dist(site["fn"])
-            if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
-                raise NotImplementedError(
-                    f"Guide site '{name}' is a Categorical (integer-valued) site. "
-                    f"{type(self).__name__} evaluates the model at relaxed one-hot "
-                    "values; write the site as a OneHotCategorical (and use the "
-                    "one-hot value in model and guide), or use RLOO_ELBO / VIMCO."
-                )
+            check_one_hot(name, site["fn"], type(self).__name__,
+                          "evaluates the model at relaxed one-hot values",
+                          "RLOO_ELBO, DisARM_ELBO or VIMCO")
             prefix = self.param_name(name, "")
             if self.adapts and not any(n.startswith(prefix) for n in trace.nodes):
                 raise ValueError(

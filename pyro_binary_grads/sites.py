@@ -254,6 +254,24 @@ class GuideStructure:
             info.kept = tuple(f for f in info.frames if f.name not in drop)
 
 
+def check_one_hot(name, fn, estimator_name, why, alternatives):
+    """
+    Raise for an integer ``Categorical`` guide site ``name`` (distribution
+    ``fn``) where ``estimator_name`` needs one-hot values (``why``), pointing
+    to ``OneHotCategorical`` and to ``alternatives``.
+    """
+    base = _base_dist(fn)
+    if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
+        raise NotImplementedError(
+            f"Guide site '{name}' is a Categorical (integer-valued) site. "
+            f"{estimator_name} {why}, which needs a one-hot sample: use "
+            "pyro_binary_grads.OneHotCategorical(logits=...) in the guide and the "
+            "model (one-hot float values; index with a matrix product, e.g. "
+            "value @ table, rather than table[value]), or keep the Categorical "
+            f"site and use {alternatives}."
+        )
+
+
 def _check_guide_site(site, estimator_name, supports):
     name, fn = site["name"], site["fn"]
     if site["infer"].get("enumerate"):
