@@ -99,7 +99,7 @@ class SiteELBO(ELBO):
         structure = self._structure
         check = is_validation_enabled()
         noise = {} if self._noise is None else dict(self._noise)
-        seed = int(torch.randint(0, 2**62, ()).item())
+        seed = int(torch.randint(0, 2**62, ()))
         plan = self._plan
         run = run_vectorized if self.vectorize else run_sequential
         with pyro.validation_enabled(False):
@@ -132,11 +132,12 @@ class SiteELBO(ELBO):
                 yield self._draw(model, guide, args, kwargs, None)
 
     def _value_and_surrogate(self, model, guide, args, kwargs):
-        value, surr = 0.0, 0.0
-        n = 1 if self.vectorize_particles else self.num_particles
-        for elbo, s in self._draws(model, guide, args, kwargs):
-            value = value + elbo / n
-            surr = surr + s / n
+        draws = list(self._draws(model, guide, args, kwargs))
+        if len(draws) == 1:
+            value, surr = draws[0]
+        else:
+            value = sum(elbo for elbo, _ in draws) / len(draws)
+            surr = sum(s for _, s in draws) / len(draws)
         return -value, -surr
 
     # -- the pyro.infer.ELBO interface ------------------------------------

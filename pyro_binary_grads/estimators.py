@@ -40,7 +40,7 @@ def pair_value(u, alpha, flip):
     from one logit of the noise: :math:`\\mathrm{logit}(1 - u) = -\\mathrm{logit}(u)`.
     """
     z = torch.log(u) - torch.log1p(-u)
-    return torch.where(flip, -z < alpha, z < alpha).to(alpha.dtype)
+    return (torch.where(flip, -z, z) < alpha).to(alpha.dtype)
 
 
 def arm(f, f_tilde, u):

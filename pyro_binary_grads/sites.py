@@ -125,8 +125,9 @@ def _is_handled_discrete(fn):
     return isinstance(_base_dist(fn), (Bernoulli, Categorical, OneHotCategorical))
 
 
-def site_log_prob(site, detach_discrete=False):
-    """The scaled and masked log-prob of a sample site, of its batch shape."""
+def site_log_prob(site, detach_discrete=False, sign=1.0):
+    """The scaled and masked log-prob of a sample site, of its batch shape,
+    times ``sign`` (folded into the scale: one op fewer per site)."""
     fn, value = site["fn"], site["value"]
     if _is_handled_discrete(fn):
         if detach_discrete and not site["is_observed"]:
@@ -136,7 +137,8 @@ def site_log_prob(site, detach_discrete=False):
             lp = discrete_log_prob(fn, value)
     else:
         lp = fn.log_prob(value)
-    return scale_and_mask(lp, site["scale"], site["mask"])
+    scale = site["scale"] if sign == 1.0 else sign * site["scale"]
+    return scale_and_mask(lp, scale, site["mask"])
 
 
 def user_frames(site):
@@ -391,7 +393,10 @@ class Plan:
         return cls([e // 2 for e in range(2 * P)], [[e % 2 == 1] * T for e in range(2 * P)])
 
     def flips_any(self, j):
-        return any(f[j] for f in self.flips)
+        key = ("flips_any", j)
+        if key not in self._cache:
+            self._cache[key] = any(f[j] for f in self.flips)
+        return self._cache[key]
 
     def copy_index(self, k):
         """Per evaluation, where a non-discrete site after ``k`` discrete sites
@@ -402,6 +407,16 @@ class Plan:
                 for e in range(self.num_evaluations)
             ]
         return self._cache[k]
+
+    def site_tensors(self, j, tail, device):
+        """Site ``j``'s flips and relax codes over the evaluations, shaped
+        ``(E,) + (1,) * tail``."""
+        key = ("site", j, tail, device)
+        if key not in self._cache:
+            _, flips, relax = self.tensors(device)
+            shape = (-1,) + (1,) * tail
+            self._cache[key] = (flips[:, j].reshape(shape), relax[:, j].reshape(shape))
+        return self._cache[key]
 
     def tensors(self, device):
         key = ("tensors", device)
@@ -419,6 +434,17 @@ class Plan:
 # ---------------------------------------------------------------------------
 # the noise handler
 # ---------------------------------------------------------------------------
+
+
+_GENERATORS = {}
+
+
+def _generator(device):
+    """One reusable generator per device (reseeded for every site and draw)."""
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+    return gen
 
 
 def _categorical_value(u, alpha, one_hot):
@@ -465,7 +491,7 @@ class NoiseMessenger(Messenger):
     def _uniform(self, info, alpha, shape):
         u = self.noise.get(info.name)
         if u is None:
-            gen = torch.Generator(device=alpha.device)
+            gen = _generator(alpha.device)
             gen.manual_seed(self.seed + 7919 * (info.index + 1))
             u = torch.rand(shape, generator=gen, dtype=alpha.dtype, device=alpha.device)
             # keep u in (0, 1): the logit and Gumbel transforms stay finite
@@ -519,12 +545,10 @@ class NoiseMessenger(Messenger):
             edim = alpha.dim() - info.alpha_event_dim - (U + 1)
             shape = alpha.shape[:edim] + (plan.num_draws,) + alpha.shape[edim + 1 :]
             u = self._uniform(info, alpha, shape)
-            source, flips, relax = plan.tensors(alpha.device)
             if plan.num_draws > 1:
-                u = u.index_select(edim, source)
-            tail = (1,) * (alpha.dim() - edim - 1)
-            flip = flips[:, info.index].reshape((-1,) + tail)
-            self._last_relax = relax[:, info.index].reshape((-1,) + tail)
+                u = u.index_select(edim, plan.tensors(alpha.device)[0])
+            flip, self._last_relax = plan.site_tensors(info.index, alpha.dim() - edim - 1,
+                                                       alpha.device)
         else:
             full = _pad(alpha, self.batch_dims + info.alpha_event_dim, info.name)
             edim = full.dim() - info.alpha_event_dim - (U + 1)
@@ -602,6 +626,8 @@ class Evaluations:
 
 
 def _pad(t, L, name):
+    if t.dim() == L:
+        return t
     if t.dim() > L:
         raise ValueError(
             f"Site '{name}' has batch shape {tuple(t.shape)} with more dims than "
@@ -620,14 +646,10 @@ def _terms(model_trace, guide_trace, L, detach_discrete):
             if prefix == "guide" and site["is_observed"]:
                 continue
             frames = user_frames(site)
-            lp = site_log_prob(site, detach_discrete=detach_discrete and prefix == "guide")
+            lp = site_log_prob(site, detach_discrete and prefix == "guide", sign)
             if not torch.is_tensor(lp):
                 continue
-            terms[prefix, name] = (
-                frozenset(f.name for f in frames),
-                frames,
-                _pad(sign * lp, L, name),
-            )
+            terms[prefix, name] = (frozenset(f.name for f in frames), frames, _pad(lp, L, name))
     return terms
 
 
@@ -858,6 +880,10 @@ def site_signal(evals, info, U):
     return signal, alpha, value
 
 
+def _mean_over(n, t):
+    return t if n == 1 else t / n
+
+
 def pair_surrogate(evals, structure, U, pair_estimate, categorical_estimate=None):
     """
     ``(elbo, surrogate)`` of one draw of a pair estimator (ARM, DisARM): the
@@ -869,7 +895,7 @@ def pair_surrogate(evals, structure, U, pair_estimate, categorical_estimate=None
     """
     f = total_elbo(evals, U)
     num_particles = f.numel() // f.shape[-1]
-    surr = f.mean()
+    elbo = surr = f.mean()
     for name, info in structure.discrete.items():
         signal, alpha, value = site_signal(evals, info, U)
         d = -(U + 1) - info.alpha_event_dim
@@ -884,14 +910,14 @@ def pair_surrogate(evals, structure, U, pair_estimate, categorical_estimate=None
                 signal.narrow(d, 0, 1), signal.narrow(d, j, 1),
                 value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
             )
-            surr = surr + (alpha0 * g.detach()).sum() / num_particles
+            surr = surr + _mean_over(num_particles, (alpha0 * g.detach()).sum())
             continue
         g = pair_estimate(
             signal.narrow(d, 0, 1), signal.narrow(d, j, 1), u,
             value.narrow(d, 0, 1), value.narrow(d, j, 1), alpha0.detach(),
         )
-        surr = surr + (alpha0 * g.detach()).sum() / num_particles
-    return f.mean(), surr
+        surr = surr + _mean_over(num_particles, (alpha0 * g.detach()).sum())
+    return elbo, surr
 
 
 def score(info, alpha, value):
