@@ -487,6 +487,7 @@ class NoiseMessenger(Messenger):
         self.traces = traces or []
         self.replay_values = replay_values or {}
         self._count = 0
+        self.alphas = {}  # site name -> the logits seen (after broadcasting)
 
     def _uniform(self, info, alpha, shape):
         u = self.noise.get(info.name)
@@ -528,7 +529,7 @@ class NoiseMessenger(Messenger):
                 "discrete structure of the guide must not change between steps."
             )
         self._count += 1
-        alpha = site_logits(msg["fn"])
+        alpha = self.alphas[name] = site_logits(msg["fn"])
         if self.check_values and not torch.isfinite(_compact(alpha)).all():
             raise ValueError(
                 f"Guide site '{name}' has NaN or infinite logits; check the guide's "
@@ -623,6 +624,18 @@ class Evaluations:
         self.discrete = discrete
         self.guide_trace = guide_trace
         self.model_trace = model_trace
+        self._groups = None
+
+    def groups(self):
+        """``{frame_names: (frames, summed term)}``: the terms summed per plate
+        set (computed once, shared by every site's learning signal)."""
+        if self._groups is None:
+            self._groups = OrderedDict()
+            for names, frames, t in self.terms.values():
+                if names in self._groups:
+                    t = self._groups[names][1] + t
+                self._groups[names] = (frames, t)
+        return self._groups
 
 
 def _pad(t, L, name):
@@ -732,7 +745,7 @@ def run_vectorized(model, guide, args, kwargs, structure, plan, U, noise, seed,
     else:
         terms = _terms(model_trace, guide_trace, L, detach_discrete)
     discrete = OrderedDict(
-        (name, (site_logits(guide_trace.nodes[name]["fn"]), guide_trace.nodes[name]["value"]))
+        (name, (messenger.alphas[name], guide_trace.nodes[name]["value"]))
         for name in structure.discrete
     )
     return Evaluations(terms, discrete, noise, guide_trace, model_trace)
@@ -840,14 +853,8 @@ def learning_signal(evals, info, U):
     so that each element's signal estimates the full-data objective.
     """
     kept = {f.dim: f.name for f in info.kept}
-    total = 0.0
-    groups = OrderedDict()
-    for names, frames, t in evals.terms.values():
-        if names in groups:
-            groups[names] = (frames, groups[names][1] + t)
-        else:
-            groups[names] = (frames, t)
-    for names, (frames, t) in groups.items():
+    total = None
+    for names, (frames, t) in evals.groups().items():
         dims = [
             t.dim() + d
             for d in range(-U, 0)
@@ -859,15 +866,17 @@ def learning_signal(evals, info, U):
         for frame in info.subsampled:
             if frame.name not in names:
                 scale *= subsample_scale(frame)
-        total = total + (t * scale if scale != 1.0 else t)
+        t = t * scale if scale != 1.0 else t
+        total = t if total is None else total + t
     return total
 
 
 def total_elbo(evals, U):
     """The ELBO integrand summed over the plates: shape ``(P, E)`` or ``(E,)``."""
-    f = 0.0
-    for _, _, t in evals.terms.values():
-        f = f + _sum_but(t, -(U + 1))
+    f = None
+    for _, t in evals.groups().values():
+        t = _sum_but(t, -(U + 1))
+        f = t if f is None else f + t
     return f
 
 
