@@ -21,7 +21,10 @@ Reported:
 * the performance shape (DESIGN.md): ms/step at batch 1 (fixed overhead), and
   the ratio ours / hand-written at batch 50 and 500; ``disarm_nosvi`` times
   ``DisARM_ELBO.loss_and_grads`` + ``torch.optim.Adam`` without ``SVI.step``, to
-  separate the ELBO's own cost from SVI's (which TraceGraph_ELBO pays too).
+  separate the ELBO's own cost from SVI's (which TraceGraph_ELBO pays too), and
+  ``hand+traces`` the hand-written step plus Pyro's traces of the user's guide
+  and model (no ELBO), the floor of any Pyro ELBO; the overhead over the
+  hand-written step is split into these three parts.
 
 Usage::
 
@@ -119,6 +122,27 @@ class HandTrainer:
         return self.net.encoder.weight.grad.detach().clone()
 
 
+class TracedHandTrainer(HandTrainer):
+    """
+    The hand-written step plus one Pyro trace of the guide and one replayed
+    trace of the model (the user's program run by Pyro, nothing else, no
+    gradient): the floor any Pyro ELBO pays on top of the hand-written step.
+    """
+
+    name = "hand+traces"
+
+    def __init__(self, net, lr):
+        super().__init__(net, lr)
+        self.model, self.guide = make_model_and_guide(net, name="sbn_hand_traces")
+
+    def step(self, x, idx, num_data):
+        with torch.no_grad():
+            guide_trace = pyro.poutine.trace(self.guide).get_trace(x, idx, num_data)
+            pyro.poutine.trace(pyro.poutine.replay(self.model, trace=guide_trace)).get_trace(
+                x, idx, num_data)
+        return super().step(x, idx, num_data)
+
+
 class PyroTrainer:
     def __init__(self, name, net, elbo, lr):
         self.name = name
@@ -160,6 +184,8 @@ def make_trainers(base_net, lr, which):
         net = copy.deepcopy(base_net)
         if name == "hand":
             trainers.append(HandTrainer(net, lr))
+        elif name == "hand+traces":
+            trainers.append(TracedHandTrainer(net, lr))
         elif name == "disarm":
             trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "disarm_nosvi":
@@ -361,7 +387,8 @@ def main():
           f"blocks of {min(args.block, args.shape_steps)})")
     shape = {}
     for bs in args.shape_batches:
-        trs = make_trainers(base, args.lr, which + (["disarm_nosvi"] if "disarm" in which else []))
+        trs = make_trainers(base, args.lr, which + ["hand+traces"]
+                            + (["disarm_nosvi"] if "disarm" in which else []))
         bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
         interleaved(trs, bf, min(10, args.shape_steps), 10, num_data, device)  # warm-up
         ms_bs, _ = interleaved(trs, bf, args.shape_steps, min(args.block, args.shape_steps),
@@ -374,7 +401,15 @@ def main():
         if "disarm_nosvi" in shape[bs]:
             ratios += f"  (loss_and_grads+Adam)/hand {shape[bs]['disarm_nosvi'] / shape[bs]['hand']:.2f}"
         ratios += f"  tracegraph/hand {shape[bs]['tracegraph'] / shape[bs]['hand']:.2f}"
-        print(f"batch {bs:>4}: {line}{ratios}")
+        print(f"batch {bs:>4}: {line}\n            {ratios}")
+        if "disarm" in shape[bs] and bs == min(args.shape_batches):
+            # at batch 1 the traces' forward passes cost next to nothing: the split
+            # is of Python time (at larger batches hand+traces also repeats compute)
+            t = shape[bs]
+            print(f"            fixed overhead over hand, ms: Pyro's traces of the user's model and guide "
+                  f"{t['hand+traces'] - t['hand']:.2f}, DisARM_ELBO's own "
+                  f"{t['disarm_nosvi'] - t['hand+traces']:.2f}, SVI.step's (param capture, "
+                  f"per-parameter optimizers) {t['disarm'] - t['disarm_nosvi']:.2f}")
     results["shape_ms_per_step"] = shape
 
     args.out.mkdir(parents=True, exist_ok=True)
