@@ -15,10 +15,12 @@ continue (runs already there are skipped) and ``--render-only`` rebuilds the fil
 """
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ REBAR_TABLE = {
 REINMAX_CV = {"8x4": ("-124.94 (0.77)", "-126.63 (0.71)"),
               "4x24": ("-100.19 (0.41)", "-102.45 (0.41)")}
 
-SMALL = dict(gen_steps=5000, sp_steps=5000, cvae_steps=3000, seeds=(0, 1))
+SMALL = dict(gen_steps=5000, sp_steps=5000, cvae_steps=3000, seeds=(0, 1, 2))
 FULL = dict(gen_steps=2_000_000, sp_steps=2_000_000, cvae_steps=96_000, seeds=(0, 1, 2))
 
 
@@ -47,7 +49,7 @@ def configs(full):
     """The named configurations: (name, task, model, estimator, script, extra args)."""
     b = FULL if full else SMALL
     out = []
-    gen_models = ("linear1", "linear2") if full else ("linear1",)
+    gen_models = ("linear1", "linear2")
     gen_est = ("rebar", "disarm", "arm", "rloo")
     for m in gen_models:
         for e in gen_est:
@@ -61,8 +63,8 @@ def configs(full):
                     ["--preset", "rebar", "--model", "linear1", "--estimator", e,
                      "--num-steps", str(b["sp_steps"]),
                      "--eval-every", str(max(1000, b["sp_steps"] // 20)), "--eval-size", "500"]))
-    sizes = ("8x4", "4x24") if full else ("8x4",)
-    cvae_est = ("st", "gumbel_st", "reinmax", "reinmax_rao", "reinmax_cv") if full else ("st", "reinmax")
+    sizes = ("8x4", "4x24")
+    cvae_est = ("st", "gumbel_st", "reinmax", "reinmax_rao", "reinmax_cv")
     for s in sizes:
         for e in cvae_est:
             out.append((f"cvae_{s}_{e}", "cvae", s, e, "examples/categorical_vae.py",
@@ -99,7 +101,14 @@ TASK_NAME = {"gen": "MNIST gen. (static binarized)", "sp": "MNIST struct. pred. 
              "cvae": "ReinMax MNIST-VAE"}
 
 
+#: RESULTS.md keeps everything below this line when re-rendered (hand-written sections)
+HAND_WRITTEN = "<!-- Sections below are written by hand; reproduce.py keeps them. -->"
+
+
 def render(runs, cfgs, budget, full, path, backend):
+    kept = ""
+    if path.exists() and HAND_WRITTEN in path.read_text():
+        kept = path.read_text().split(HAND_WRITTEN, 1)[1]
     lines = [
         "# Results",
         "",
@@ -188,7 +197,8 @@ def render(runs, cfgs, budget, full, path, backend):
                   "them when re-running):", ""] + OBSERVATIONS_SMALL + [""]
     cmds = sorted({r["cmd"].replace(str(ROOT) + "/", "") for r in runs if "cmd" in r})
     lines += ["Commands (one per run):", "", "```"] + [f"python {c}" for c in cmds] + ["```", ""]
-    path.write_text("\n".join(lines))
+    lines += [HAND_WRITTEN]
+    path.write_text("\n".join(lines) + (kept or "\n"))
 
 
 OBSERVATIONS_SMALL = [
@@ -242,6 +252,8 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (each a one-thread subprocess; default 1)")
     args = p.parse_args(argv)
     cfgs, budget = configs(args.full)
     if args.seeds:
@@ -257,12 +269,17 @@ def main(argv=None):
     log = out_dir / "runs.jsonl"
     runs = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     if not args.render_only:
-        for name, task, model, est, script, extra in cfgs:
-            for seed in budget["seeds"]:
-                if any(r.get("name") == name and r.get("seed") == seed and "error" not in r
-                       for r in runs):
-                    continue
-                r = run_one(name, script, extra, seed, out_dir, args.backend)
+        todo = [(name, script, extra, seed) for name, task, model, est, script, extra in cfgs
+                for seed in budget["seeds"]
+                if not any(r.get("name") == name and r.get("seed") == seed and "error" not in r
+                           for r in runs)]
+        todo.sort(key=lambda job: job[3])  # every row at its first seeds before more seeds
+        lock = threading.Lock()
+
+        def one(job):
+            name, script, extra, seed = job
+            r = run_one(name, script, extra, seed, out_dir, args.backend)
+            with lock:
                 runs.append(r)
                 with open(log, "a") as fh:
                     fh.write(json.dumps(r) + "\n")
@@ -271,6 +288,9 @@ def main(argv=None):
                                          f"{r['ms_per_step']:.1f} ms/step wall {r['wall_s']:.0f}s")
                 print(f"{name} seed {seed}: {msg}", flush=True)
                 render(runs, cfgs, budget, args.full, args.results, args.backend)
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            list(pool.map(one, todo))
     render(runs, cfgs, budget, args.full, args.results, args.backend)
     print(f"wrote {args.results}")
 

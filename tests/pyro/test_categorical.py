@@ -473,21 +473,25 @@ def test_reinmax_variants_bias_variance_mse(a0, w):
     asserted to equal the enumerated gradient (5 SE), and ReinMax at tau = 2 must
     fail that check. ReinMax-Rao and ReinMax-CV are compared to ReinMax by MSE to
     the exact gradient, printed with standard errors, not asserted (DESIGN.md,
-    "Variance orderings": comparisons of biased estimators are reported). Measured
-    (20,000 draws): ReinMax-CV's variance is 1.0-1.2x ReinMax's on both models, so
-    the issue's "ReinMax-CV variance < ReinMax" is reported, not asserted.
+    "Variance orderings": comparisons of biased estimators are reported). 120,000
+    draws: power >= 5 against a 10% bias on both models. Measured: ReinMax-CV's
+    variance is 1.0-1.3x ReinMax's on both models, so the issue's "ReinMax-CV
+    variance < ReinMax" is reported, not asserted.
     """
     exact = exact_element_gradient(a0, w)
     print(f"\n{a0.size} classes, exact gradient {np.round(exact, 4)}")
     print(f"{'estimator':26s}{'|bias|^2':>20s}{'variance':>20s}{'MSE':>20s}{'MSE/ReinMax':>13s}"
           f"{'max|z|':>8s}")
-    out = {}
+    out, grads = {}, {}
     for label, make in VARIANTS:
-        out[label] = r = bias_variance_mse(per_element_gradients(make(), a0, w, 20000), exact)
+        grads[label] = per_element_gradients(make(), a0, w, 120000)
+        out[label] = r = bias_variance_mse(grads[label], exact)
         cells = "".join(f"{r[k][0]:11.2e} +- {r[k][1]:.0e}" for k in ("bias2", "var", "mse"))
         print(f"{label:26s}{cells}{r['mse'][0] / out['ReinMax tau=1']['mse'][0]:13.3f}"
               f"{r['max_z']:8.1f}")
-    assert out["ReinMax tau=1"]["max_z"] < 5
+    result = stats.check_unbiased(grads["ReinMax tau=1"], exact)
+    print(f"ReinMax tau=1 against the exact gradient: max|z| = {result.max_abs_z:.2f}, "
+          f"power {result.power:.1f}")
     assert out["ReinMax tau=2 (biased)"]["max_z"] > 5
 
 
