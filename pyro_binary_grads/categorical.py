@@ -467,11 +467,18 @@ class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
     runs. This class follows the spec's formula (they agree at
     :math:`\\tau = 1` except for the noise of the Gumbel-softmax term).
 
-    Measured: ReinMax's estimate is a function of :math:`D` alone, so a
-    correction with mean zero given :math:`D` can only add variance; ours
-    has 1.1-1.4x ReinMax's variance on small models (the authors' soft-sample
-    variant 0.92-0.97x at :math:`\\eta = 1`, by shrinking the gradient: 3-8x
-    our bias). Prefer :class:`ReinMaxRao_ELBO` for lower variance.
+    Variance: ReinMax's estimate is a function of :math:`D` alone. Split the
+    correction :math:`c` into :math:`\\mathbb E[c \\mid D]` and the rest; the
+    rest (the noise :math:`G'` and the conditional draws) is uncorrelated
+    with every function of :math:`D`, so
+    :math:`\\mathrm{Var}(\\hat g) = \\mathrm{Var}(\\hat g_{\\rm ReinMax} +
+    \\mathbb E[c \\mid D]) + \\mathbb E\\,\\mathrm{Var}(c \\mid D)`: only the
+    deterministic part can lower the variance, the noise only adds to it.
+    Measured: 1.0-1.4x ReinMax's variance on small models and 1.04x (eta 1)
+    / 1.15x (eta 1.5) on the 8x4 categorical VAE (``RESULTS.md``; the authors'
+    soft-sample variant 0.92-0.97x at :math:`\\eta = 1` on small models, by
+    shrinking the gradient: 3-8x our bias). Prefer :class:`ReinMaxRao_ELBO`
+    (0.5x ReinMax's variance on the VAE) for lower variance.
 
     Example::
 
