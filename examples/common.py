@@ -646,8 +646,29 @@ def save_plot(path, history, tests, title, test_label, ylabel="nats per example"
     plt.close(fig)
 
 
+def drift_summary(history, parts=10):
+    """
+    The training objective averaged over each tenth of the run: the best tenth,
+    the last tenth, and ``drift`` = best - last (nats; > 2 marks a run that got
+    worse while it trained, as a collapsing estimator does). ``None`` values for
+    runs shorter than ``parts`` steps.
+    """
+    values = np.array([h[1] for h in history], dtype=float)
+    if len(values) < parts:
+        return {"train_objective_best_tenth": None, "train_objective_last_tenth": None,
+                "train_objective_drift": None}
+    means = [float(c.mean()) for c in np.array_split(values, parts)]
+    best, last = max(means), means[-1]
+    return {"train_objective_best_tenth": best, "best_tenth_index": int(np.argmax(means)),
+            "train_objective_last_tenth": last, "train_objective_drift": best - last}
+
+
 def finish(args, name, result, history, tests):
-    """Write ``<out>/<name>.json`` (with the curves) and print the JSON line."""
+    """
+    Write ``<out>/<name>.json`` (with the curves) and print the JSON line; the
+    line gets :func:`drift_summary`'s fields.
+    """
+    result = {**result, **drift_summary(history)}
     with open(args.out / f"{name}.json", "w") as fh:
         json.dump({**result, "history": history, "tests": tests}, fh)
     print(json.dumps(result), flush=True)
