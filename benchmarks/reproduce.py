@@ -1,17 +1,43 @@
 """
-Run named configurations of the examples (task, model, estimator, seeds, steps)
-one after another and write ``RESULTS.md``: one row per (task, model, estimator)
-with our figure (mean ± sd over seeds), the published figure from
-``../shared/REFERENCE_RESULTS.md``, the step budget and the wall time.
+Run the papers' configurations of the examples and render ``RESULTS.md`` from
+the run records under ``results/``.
 
-    python benchmarks/reproduce.py                 # the small budget (about 20-40 min on 2 cores)
-    python benchmarks/reproduce.py --full          # the papers' budgets (days on a CPU)
-    python benchmarks/reproduce.py --only gen_linear1 --seeds 0 1 2
-    python benchmarks/reproduce.py --render-only   # re-write RESULTS.md from saved runs
+Every finished run writes one small record, ``results/<budget>/<name>_s<seed>.json``
+(the example's final JSON line, the command, the wall time, and the training
+curve binned to 200 points), committed with the project; ``out/`` (plots, full
+curves) stays ignored. A configuration whose record exists is skipped, so the
+table fills across sessions; ``RESULTS.md`` and the per-setup training-curve
+plots (``docs/results/full_<setup>.png``, all estimators on one axis) are
+rendered from ``results/`` alone.
 
-Each run is a subprocess (``examples/*.py --no-progress``); its JSON line is
-appended to ``out/reproduce/<budget>/runs.jsonl``, so an interrupted session can
-continue (runs already there are skipped) and ``--render-only`` rebuilds the file.
+    python benchmarks/reproduce.py --list                   # the configurations
+    python benchmarks/reproduce.py --only disarm_linear1 --jobs 2
+    python benchmarks/reproduce.py --budget small           # 5,000-step pipeline check
+    python benchmarks/reproduce.py --render-only
+
+The full budgets run on the NumPyro backend by default (about 1.0-1.6 ms/step
+for the DisARM-paper SBN and 4.5 ms/step for the ReinMax harness on one core;
+the Pyro backend is 10-50x slower per step here). Runs are one-thread
+subprocesses; ``--jobs 2`` runs two at once on two cores.
+
+Setups (../shared/REFERENCE_RESULTS.md gives the papers' exact setups):
+
+* ``disarm_*``: DisARM paper (Dong, Mnih & Tucker 2020), ``examples/sbn.py
+  --preset disarm``: dynamic MNIST, batch 50, Adam 1e-4 (prior logits SGD 1e-2),
+  1e6 steps; DisARM, ARM and REINFORCE-LOO (2 samples) on linear one-layer (3
+  seeds), DisARM and RLOO on Fashion-MNIST and on the nonlinear model (1 seed);
+  the multi-sample bound: local DisARM with P pairs against VIMCO with 2P
+  samples; and ``disarm_linear1_handwritten``: a hand-written jitted JAX DisARM
+  step of the same setup (``benchmarks/disarm_reference_jax.py``, no plugin),
+  the row's reference since the paper's figures are not in the reference file.
+* ``cvae_*``: the ReinMax MNIST-VAE harness (160 epochs = 96,000 steps),
+  ``examples/categorical_vae.py`` at each estimator's tuned configuration.
+* ``gen_*``, ``sp_*``: REBAR's table (Tucker et al. 2017), ``--preset rebar``,
+  2e6 steps: REBAR (adapted) and DisARM.
+
+Drift check: each record has the training objective averaged over each tenth of
+the run; a run whose last tenth is more than 2 nats below its best tenth is
+marked in the table (an estimator that collapses as it trains).
 """
 
 import argparse
@@ -24,72 +50,147 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Published figures (../shared/REFERENCE_RESULTS.md). REBAR Table App.1 (train ELBO)
-# and App.2 (test 100-sample bound), column "REBAR" (the table has no DisARM / ARM /
-# RLOO column: it is the reference these estimators are compared with).
+# and App.2 (test 100-sample bound), column "REBAR".
 REBAR_TABLE = {
     ("gen", "linear1"): ("-111.6 ± 0.03", "-107.65 ± 0.08"),
     ("gen", "linear2"): ("-98.8 ± 0.03", "-95.67 ± 0.04"),
-    ("gen", "nonlinear"): ("-101.1 ± 0.1", "-100.69 ± 0.08"),
     ("sp", "linear1"): ("-65.244 ± 0.009", "-65.61 ± 0.02"),
-    ("sp", "linear2"): ("-61.74 ± 0.02", "-61.68 ± 0.05"),
-    ("sp", "nonlinear"): ("-46.44 ± 0.03", "-61.34 ± 0.02"),
 }
 # ReinMax-CV author's released results (train / test -ELBO, mean (sd) over 10 seeds).
-REINMAX_CV = {"8x4": ("-124.94 (0.77)", "-126.63 (0.71)"),
-              "4x24": ("-100.19 (0.41)", "-102.45 (0.41)")}
+REINMAX_CV = {"8x4": ("124.94 (0.77)", "126.63 (0.71)"),
+              "4x24": ("100.19 (0.41)", "102.45 (0.41)")}
 
-SMALL = dict(gen_steps=5000, sp_steps=5000, cvae_steps=3000, seeds=(0, 1, 2))
-FULL = dict(gen_steps=2_000_000, sp_steps=2_000_000, cvae_steps=96_000, seeds=(0, 1, 2))
+DRIFT_NATS = 2.0
+SEEDS3, SEED1 = (0, 1, 2), (0,)
 
 
-def configs(full):
-    """The named configurations: (name, task, model, estimator, script, extra args)."""
-    b = FULL if full else SMALL
+class Config:
+    """One row of the table: a named run of ``script`` with ``args``, per seed."""
+
+    def __init__(self, name, setup, label, script, args, seeds, published=("-", "-")):
+        self.name, self.setup, self.label = name, setup, label
+        self.script, self.args, self.seeds, self.published = script, args, seeds, published
+
+
+def configs(budget):
+    """The configurations of ``budget`` ("full": the papers'; "small": 5,000 steps)."""
+    full = budget == "full"
     out = []
-    gen_models = ("linear1", "linear2")
-    gen_est = ("rebar", "disarm", "arm", "rloo")
-    for m in gen_models:
-        for e in gen_est:
-            out.append((f"gen_{m}_{e}", "gen", m, e, "examples/sbn.py",
-                        ["--preset", "rebar", "--model", m, "--estimator", e,
-                         "--num-steps", str(b["gen_steps"]),
-                         "--eval-every", str(max(1000, b["gen_steps"] // 20)),
-                         "--eval-size", "500"]))
-    for e in ("rebar", "disarm", "arm"):
-        out.append((f"sp_linear1_{e}", "sp", "linear1", e, "examples/structured_prediction.py",
-                    ["--preset", "rebar", "--model", "linear1", "--estimator", e,
-                     "--num-steps", str(b["sp_steps"]),
-                     "--eval-every", str(max(1000, b["sp_steps"] // 20)), "--eval-size", "500"]))
-    sizes = ("8x4", "4x24")
-    cvae_est = ("st", "gumbel_st", "reinmax", "reinmax_rao", "reinmax_cv")
-    for s in sizes:
-        for e in cvae_est:
-            out.append((f"cvae_{s}_{e}", "cvae", s, e, "examples/categorical_vae.py",
-                        ["--latent", s, "--estimator", e, "--num-steps", str(b["cvae_steps"]),
-                         "--eval-every", str(max(1000, b["cvae_steps"] // 20)),
-                         "--eval-size", "500"]))
-    return out, b
+    # DisARM paper: dynamic MNIST, --preset disarm
+    steps = 1_000_000 if full else 5000
+    ev = ["--eval-every", str(steps // 20), "--eval-size", "1000"]
+    for est, seeds in (("disarm", SEEDS3), ("arm", SEEDS3), ("rloo", SEEDS3)):
+        out.append(Config(f"disarm_linear1_{est}", "disarm_linear1", est, "examples/sbn.py",
+                          ["--preset", "disarm", "--estimator", est, "--num-steps", str(steps)]
+                          + ev, seeds))
+    out.append(Config("disarm_linear1_handwritten", "disarm_linear1",
+                      "hand-written JAX DisARM (reference)", "benchmarks/disarm_reference_jax.py",
+                      ["--num-steps", str(steps)] + ev, SEED1))
+    for est in ("disarm", "rloo"):
+        out.append(Config(f"disarm_fashion_linear1_{est}", "disarm_fashion_linear1", est,
+                          "examples/sbn.py", ["--preset", "disarm", "--dataset", "fashion_mnist",
+                                              "--estimator", est, "--num-steps", str(steps)] + ev,
+                          SEED1))
+        out.append(Config(f"disarm_nonlinear_{est}", "disarm_nonlinear", est, "examples/sbn.py",
+                          ["--preset", "disarm", "--model", "nonlinear", "--estimator", est,
+                           "--num-steps", str(steps)] + ev, SEED1))
+    for P in (1, 2):
+        for est, label in (("local_disarm", f"local DisARM, {P} pair(s)"),
+                           ("vimco", f"VIMCO, {2 * P} samples")):
+            out.append(Config(f"disarm_iwae{2 * P}_{est}", f"disarm_iwae{2 * P}", label,
+                              "examples/sbn.py",
+                              ["--preset", "disarm", "--estimator", est, "--num-samples",
+                               str(2 * P), "--num-steps", str(steps)] + ev, SEED1))
+    # ReinMax harness
+    steps = 96_000 if full else 3000
+    ev = ["--eval-every", str(max(1000, steps // 20)), "--eval-size", "1000"]
+    for size in ("8x4", "4x24"):
+        for est, seeds in (("reinmax_cv", SEEDS3), ("reinmax_rao", SEEDS3), ("reinmax", SEEDS3),
+                           ("st", SEED1), ("gumbel_st", SEED1)):
+            pub = REINMAX_CV[size] if est == "reinmax_cv" else ("-", "-")
+            out.append(Config(f"cvae_{size}_{est}", f"cvae_{size}", est,
+                              "examples/categorical_vae.py",
+                              ["--latent", size, "--estimator", est, "--num-steps", str(steps)]
+                              + ev, seeds, pub))
+    # REBAR table
+    steps = 2_000_000 if full else 5000
+    ev = ["--eval-every", str(steps // 20), "--eval-size", "1000"]
+    for task, script, models in (("gen", "examples/sbn.py", ("linear1", "linear2")),
+                                 ("sp", "examples/structured_prediction.py", ("linear1",))):
+        for m in models:
+            for est in ("rebar", "disarm"):
+                out.append(Config(f"{task}_{m}_{est}", f"rebar_{task}_{m}", est, script,
+                                  ["--preset", "rebar", "--model", m, "--estimator", est,
+                                   "--num-steps", str(steps)] + ev, SEED1,
+                                  REBAR_TABLE.get((task, m), ("-", "-"))))
+    return out
 
 
-def run_one(name, script, extra, seed, out_dir, backend):
-    cmd = [sys.executable, str(ROOT / script), *extra, "--seed", str(seed), "--backend", backend,
-           "--no-progress", "--out", str(out_dir / name), "--tag", f"_s{seed}"]
+SETUPS = {
+    "disarm_linear1": "DisARM paper: dynamic MNIST, linear one-layer SBN, 1M steps, batch 50",
+    "disarm_fashion_linear1": "DisARM paper: dynamic Fashion-MNIST, linear one-layer, 1M steps",
+    "disarm_nonlinear": "DisARM paper: dynamic MNIST, nonlinear SBN, 1M steps",
+    "disarm_iwae2": "DisARM paper, multi-sample bound (2 evaluations): local DisARM P=1 vs VIMCO K=2",
+    "disarm_iwae4": "DisARM paper, multi-sample bound (4 evaluations): local DisARM P=2 vs VIMCO K=4",
+    "cvae_8x4": "ReinMax harness, 8 x 4 categorical VAE, 160 epochs (test/train -ELBO)",
+    "cvae_4x24": "ReinMax harness, 4 x 24 categorical VAE, 160 epochs (test/train -ELBO)",
+    "rebar_gen_linear1": "REBAR table: generative, static MNIST, linear one-layer, 2M steps",
+    "rebar_gen_linear2": "REBAR table: generative, static MNIST, linear two-layer, 2M steps",
+    "rebar_sp_linear1": "REBAR table: structured prediction, linear one-layer, 2M steps",
+}
+
+
+def record_path(results, budget, name, seed):
+    return results / budget / f"{name}_s{seed}.json"
+
+
+def binned(history, bins=200):
+    """(step, mean objective) over ``bins`` equal chunks of the run."""
+    if not history:
+        return []
+    h = np.asarray(history, dtype=float)
+    return [[float(c[-1, 0]), float(c[:, 1].mean())]
+            for c in np.array_split(h, min(bins, len(h))) if len(c)]
+
+
+def run_one(cfg, seed, budget, backend, results, out_root):
+    """Run one configuration and seed; write and return its record."""
+    out_dir = out_root / budget / backend / f"{cfg.name}_s{seed}"
+    cmd = [sys.executable, str(ROOT / cfg.script), *cfg.args, "--seed", str(seed),
+           "--backend", backend, "--no-progress", "--out", str(out_dir)]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    shown = " ".join(c.replace(str(ROOT) + "/", "") for c in cmd[1:])
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"name": name, "seed": seed, "error": " | ".join(tail), "wall_s": wall,
-                "cmd": " ".join(cmd[1:])}
+        return {"name": cfg.name, "seed": seed, "error": " | ".join(tail), "cmd": shown}
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    res.update(name=name, seed=seed, wall_s=wall, cmd=" ".join(cmd[1:]))
-    return res
+    rec = {"name": cfg.name, "seed": seed, "budget": budget, "wall_s": wall, "cmd": shown,
+           "date": time.strftime("%Y-%m-%d"), **res}
+    full_json = Path(res["plot"]).with_suffix(".json") if res.get("plot") else None
+    if full_json and full_json.exists():
+        d = json.loads(full_json.read_text())
+        rec["curve"] = binned(d.get("history", []))
+        rec["tests"] = d.get("tests", [])
+    path = record_path(results, budget, cfg.name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec) + "\n")
+    return rec
 
 
-def fmt(values, nd=2):
+def load_records(results, budget):
+    d = results / budget
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+
+
+def fmt(values, nd=2, sign=1.0):
+    values = [sign * v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
@@ -97,202 +198,170 @@ def fmt(values, nd=2):
     return f"{statistics.mean(values):.{nd}f} ± {statistics.stdev(values):.{nd}f}"
 
 
-TASK_NAME = {"gen": "MNIST gen. (static binarized)", "sp": "MNIST struct. pred. (static)",
-             "cvae": "ReinMax MNIST-VAE"}
+def _test_key(rec):
+    return next((k for k in rec if k.startswith("test_bound_") and not k.endswith("subset")),
+                None)
+
+
+def render(records, cfgs, budget, path, plot_dir):
+    """RESULTS.md (table + notes) and one training-curve plot per setup."""
+    kept = ""
+    if path.exists() and HAND_WRITTEN in path.read_text():
+        kept = path.read_text().split(HAND_WRITTEN, 1)[1]
+    by_name = {}
+    for r in records:
+        if "error" not in r:
+            by_name.setdefault(r["name"], []).append(r)
+    lines = [
+        "# Results", "",
+        f"Rendered by `python benchmarks/reproduce.py --render-only` from the run records in "
+        f"`results/{budget}/` (one JSON file per configuration and seed; the command that made "
+        "each is in its `cmd` field). Mean ± sample sd over the seeds listed. Published figures "
+        "are from `../shared/REFERENCE_RESULTS.md`: REBAR's table (± SEM over 5 trials; its "
+        "column is REBAR's own figure: the table has no DisARM column) and ReinMax-CV's "
+        "released per-seed results (mean (population sd) over 10 seeds). The DisARM paper's "
+        "figures are not in the reference file: its rows are compared with a hand-written "
+        "jitted JAX DisARM step of the same setup (`benchmarks/disarm_reference_jax.py`).",
+        "",
+        "Columns. *train*: the training objective (minibatch ELBO, or the K-sample bound for "
+        "VIMCO / local DisARM) averaged over the last tenth of the steps; *best tenth*: the same "
+        "average over the best tenth of the run; a **drift** mark when the last tenth is more "
+        f"than {DRIFT_NATS:g} nats below the best. *test*: the 100-sample bound on the full "
+        "test set at the end (ReinMax harness: the test ELBO, shown as -ELBO as the papers do; "
+        "its 100-sample bound is in the notes).", "",
+    ]
+    notes, setups = [], []
+    for setup, title in SETUPS.items():
+        rows = [c for c in cfgs if c.setup == setup and c.name in by_name]
+        if not rows:
+            continue
+        setups.append(setup)
+        cvae = setup.startswith("cvae")
+        sign = -1.0 if cvae else 1.0
+        lines += [f"## {title}", "",
+                  "| estimator | seeds | steps | train | best tenth | test | published "
+                  "train / test | ms/step | drift |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in rows:
+            rs = sorted(by_name[c.name], key=lambda r: r["seed"])
+            train = [r["train_objective_last_tenth"] for r in rs]
+            best = [r["train_objective_best_tenth"] for r in rs]
+            if cvae:
+                test = [r.get("test_elbo") for r in rs]
+                b = [r.get(_test_key(r)) for r in rs]
+                notes.append(f"- `{c.name}`: test 100-sample bound {fmt(b)}")
+            else:
+                test = [r.get(_test_key(r)) for r in rs]
+            drift = [r["seed"] for r in rs
+                     if (r.get("train_objective_drift") or 0.0) > DRIFT_NATS]
+            ms = statistics.mean(r["ms_per_step"] for r in rs)
+            pub = " / ".join(c.published) if c.published != ("-", "-") else "-"
+            lines.append(
+                f"| {c.label} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']:,} | "
+                f"{fmt(train, sign=sign)} | {fmt(best, sign=sign)} | {fmt(test, sign=sign)} | "
+                f"{pub} | {ms:.2f} | "
+                + (f"**drift** (seeds {','.join(map(str, drift))})" if drift else "") + " |")
+        lines += ["", f"![{setup}](docs/results/{budget}_{setup}.png)", ""]
+        _plot(setup, title, [(c.label, by_name[c.name]) for c in rows],
+              plot_dir / f"{budget}_{setup}.png", sign)
+    missing = [f"`{c.name}` (seeds {','.join(str(s) for s in c.seeds if not any(r['seed'] == s for r in by_name.get(c.name, [])))})"
+               for c in cfgs if len(by_name.get(c.name, [])) < len(c.seeds)]
+    errors = [f"- `{r['name']}` seed {r['seed']}: {r['error']}" for r in records if "error" in r]
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
+    if errors:
+        lines += ["Failed runs:", ""] + errors + [""]
+    if missing:
+        lines += ["Not run yet (`python benchmarks/reproduce.py` runs them, skipping what "
+                  "exists): " + ", ".join(missing) + ".", ""]
+    lines += [HAND_WRITTEN]
+    path.write_text("\n".join(lines) + (kept or "\n"))
+    return setups
+
+
+def _plot(setup, title, series, png, sign):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, rs) in enumerate(series):
+        for j, r in enumerate(sorted(rs, key=lambda r: r["seed"])):
+            if r.get("curve"):
+                cv = np.asarray(r["curve"])
+                ax.plot(cv[:, 0], sign * cv[:, 1], color=f"C{i}", lw=1, alpha=0.9,
+                        label=f"{label} (train)" if j == 0 else None)
+            if r.get("tests"):
+                ts = np.asarray(r["tests"], dtype=float)
+                ax.plot(ts[:, 0], sign * ts[:, 1], "o", ms=2.5, color=f"C{i}", alpha=0.7,
+                        label=f"{label} (test subset)" if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("-ELBO (nats)" if sign < 0 else "nats per example")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right" if sign > 0 else "upper right")
+    vals = [sign * p[1] for _, rs in series for r in rs for p in r.get("curve", [])[len(r.get("curve", [])) // 10:]]
+    if vals:
+        lo, hi = np.percentile(vals, 1), np.percentile(vals, 99)
+        pad = 0.15 * (hi - lo) + 1
+        ax.set_ylim(lo - pad, hi + pad)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 #: RESULTS.md keeps everything below this line when re-rendered (hand-written sections)
 HAND_WRITTEN = "<!-- Sections below are written by hand; reproduce.py keeps them. -->"
 
 
-def render(runs, cfgs, budget, full, path, backend):
-    kept = ""
-    if path.exists() and HAND_WRITTEN in path.read_text():
-        kept = path.read_text().split(HAND_WRITTEN, 1)[1]
-    lines = [
-        "# Results",
-        "",
-        f"Generated by `python benchmarks/reproduce.py{' --full' if full else ''}` "
-        f"(backend `{backend}`, {time.strftime('%Y-%m-%d')}). Mean ± sample sd over the "
-        "seeds listed; published figures are copied from `../shared/REFERENCE_RESULTS.md` "
-        "(their ± is the paper's own spread: SEM over 5 trials for REBAR, sd over 10 "
-        "seeds for ReinMax-CV).",
-        "",
-    ]
-    if not full:
-        lines += [
-            "**These are not reproductions.** The papers train for 2,000,000 steps (REBAR "
-            "tables) or 160 epochs = 96,000 steps (ReinMax harness); the rows below ran "
-            f"{budget['gen_steps']:,} / {budget['sp_steps']:,} / {budget['cvae_steps']:,} "
-            "steps on a shared 2-core CPU (one thread), i.e. 0.25 % of the REBAR budget and "
-            "3 % of the ReinMax one, with "
-            f"{len(budget['seeds'])} seeds. Figures this early in training are tens of nats "
-            "below the published ones and say nothing about the estimators' final quality; "
-            "they check that the pipeline (models, presets, estimators, evaluation) runs "
-            "end to end and give per-step costs. `python benchmarks/reproduce.py --full` "
-            "runs the papers' budgets (3 seeds, all required rows) on a machine that has "
-            "the time.",
-            "",
-        ]
-    lines += [
-        "| task | model | estimator | seeds | steps (paper) | train ELBO, ours | "
-        "train ELBO, published | test 100-sample bound, ours | test bound / -ELBO, published "
-        "| ms/step | wall s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    notes = []
-    for name, task, model, est, _script, _extra in cfgs:
-        rs = [r for r in runs if r.get("name") == name and "error" not in r]
-        errs = [r for r in runs if r.get("name") == name and "error" in r]
-        if errs and not rs:
-            notes.append(f"- `{name}`: not run: {errs[0]['error']}")
-            continue
-        if not rs:
-            continue
-        train = [r["train_objective_last10pct"] for r in rs]
-        test = [r["test_bound_100"] for r in rs if r.get("test_bound_100") is not None]
-        steps = rs[0]["steps"]
-        if task in ("gen", "sp"):
-            pub_train, pub_test = REBAR_TABLE.get((task, model), ("-", "-"))
-            pub_train = f"{pub_train} (REBAR)"
-            pub_test = f"{pub_test} (REBAR)"
-            paper_steps = "2,000,000"
-        else:
-            cv = REINMAX_CV.get(model)
-            pub_train = f"{cv[0]} (ReinMax-CV, -ELBO)" if cv and est == "reinmax_cv" else "not in reference file"
-            pub_test = f"{cv[1]} (ReinMax-CV, test -ELBO)" if cv and est == "reinmax_cv" else "-"
-            paper_steps = "96,000"
-            test_elbo = [r["test_elbo"] for r in rs]
-            test = test  # the 100-sample bound; the test ELBO is noted below
-            notes.append(f"- `{name}`: test ELBO (1 sample, full test set) {fmt(test_elbo)}")
-        ms = statistics.mean(r["ms_per_step"] for r in rs)
-        wall = statistics.mean(r["wall_s"] for r in rs)
-        seeds = ",".join(str(r["seed"]) for r in rs)
-        lines.append(
-            f"| {TASK_NAME[task]} | {model} | {est} | {seeds} | {steps:,} ({paper_steps}) | "
-            f"{fmt(train)} | {pub_train} | {fmt(test)} | {pub_test} | {ms:.1f} | {wall:.0f} |"
-        )
-    lines += [
-        "",
-        "Definitions. *train ELBO, ours*: mean of the minibatch training objective over the "
-        "last 10 % of the steps (nats per example; a moving target early in training, so "
-        "it lags the model's current ELBO). *test 100-sample bound*: "
-        "`log 1/100 sum_k p(x, z_k) / q(z_k | x)` averaged over the whole test set "
-        "(10,000 images; structured prediction: `log 1/100 sum_k p(x_low | z_k)`, "
-        "`z_k ~ p(z | x_up)`). Setups: `--preset rebar` of `examples/sbn.py` / "
-        "`examples/structured_prediction.py` (binarized_mnist.npz, train = its 50,000 "
-        "training rows, batch 24, Adam lr 3e-4 and beta2 = 0.99999, {-1, 1} variables, "
-        "centred encoder input, output bias at the data logit); REBAR's lr was the best of a "
-        "grid, ours is one grid value; REBAR's unbiased baselines used input-dependent "
-        "baselines, ours (DisARM, ARM, RLOO with 2 samples) use none. "
-        "`examples/categorical_vae.py` uses the tuned (lr, temperature, optimizer) of the "
-        "reference file for each estimator; our KL term is a one-sample estimate (the "
-        "papers' is analytic; equal in expectation).",
-        "",
-    ]
-    if notes:
-        lines += ["Notes:", ""] + notes + [""]
-    if not full:
-        lines += ["Observations (small budget, written by hand after the run; re-check "
-                  "them when re-running):", ""] + OBSERVATIONS_SMALL + [""]
-    cmds = sorted({r["cmd"].replace(str(ROOT) + "/", "") for r in runs if "cmd" in r})
-    lines += ["Commands (one per run):", "", "```"] + [f"python {c}" for c in cmds] + ["```", ""]
-    lines += [HAND_WRITTEN]
-    path.write_text("\n".join(lines) + (kept or "\n"))
-
-
-OBSERVATIONS_SMALL = [
-    "- Generative linear-1: after 5,000 of 2,000,000 steps the models are 35 nats (train) "
-    "/ 27 nats (test bound) below REBAR's final figures: they are at the start of a long "
-    "learning curve (the test bound was still rising by about 3 nats per 1,000 steps at the "
-    "end, see the plots in `out/reproduce/`). The ordering DisARM > ARM > RLOO (2 samples) "
-    "at equal cost is the papers' ordering; the gaps (0.6 and 2.3 nats on the test bound) "
-    "exceed the spread over 2 seeds (< 0.1 nats), but at this budget they measure "
-    "early-training speed, not final quality.",
-    "- Structured prediction linear-1: -82.4 vs REBAR's -65.6 on the test bound, for the "
-    "same reason; DisARM ahead of ARM by 0.1-0.3 nats.",
-    "- Our REBAR (temperature and eta per site adapted on the variance gradient at 10x the "
-    "lr, no input-dependent baseline) is ahead of DisARM at equal steps: +1.1 nats on the "
-    "generative test bound (-133.21 vs -134.27) and +2.0 on structured prediction (-80.35 "
-    "vs -82.35), at 3.2x / 2.0x DisARM's cost per step (27.1 vs 8.5 ms; 14.1 vs 6.9 ms: "
-    "1 + 2T evaluations plus the double backward pass of the variance gradient). At equal "
-    "wall time DisARM would run 2-3x the steps; at this budget that favours DisARM.",
-    "- Why no figure here can be compared with the papers': the budget (above); REBAR's "
-    "lr was picked per estimator from a 5-value grid, ours is one value (3e-4); the "
-    "unbiased estimators of the REBAR table had input-dependent baselines (NVIL/MuProp) or "
-    "learned control-variate scales, DisARM/ARM/RLOO here have none (by design); REBAR's "
-    "table has no DisARM/ARM/RLOO column, so the published column is REBAR's own figure.",
-    "- ReinMax harness 8x4: 3,000 steps = 5 of 160 epochs; the reference file gives no "
-    "ST/ReinMax figures (only their tuned hyperparameters), so only ReinMax-CV's released "
-    "results (test -ELBO 126.63 at 160 epochs) can be compared, in the --full run. At 5 "
-    "epochs ReinMax and ST have the same test ELBO (-143.5) and ReinMax the better "
-    "training objective (0.9 nats), but ST the better 100-sample bound (by 4 nats): "
-    "ST's encoder is sharper/less calibrated early on, which the multi-sample bound "
-    "rewards; not a conclusion about 160 epochs.",
-    "- Gradient variance (`docs/results/gradient_variance_sbn_linear1.png`, "
-    "`python examples/gradient_variance.py --num-steps 3000 --every 300 "
-    "--out-png docs/results/gradient_variance_sbn_linear1.png`; linear SBN, dynamic MNIST, "
-    "batch 50, lr 1e-3, one DisARM trajectory, all estimators at the same parameters, 100 "
-    "draws per point; REBAR's temperature and eta adapted along the trajectory by their own "
-    "variance-gradient steps): log10 of the mean per-parameter encoder-gradient variance "
-    "at step 3000 is REBAR -2.46, DisARM -1.92, ARM -1.78, RLOO (2 samples) -1.70, "
-    "TraceGraph_ELBO +0.84. REBAR's variance is 3.5x below DisARM's at step 3000 (2.2x at "
-    "step 0) at 3.1x the cost per draw (26 vs 8.4 ms); per unit of compute the two are "
-    "close, as in the DisARM paper's comparison.",
-]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help="the papers' step budgets, 3 seeds")
+    p.add_argument("--budget", choices=("full", "small"), default="full")
     p.add_argument("--only", nargs="*", default=None, help="configuration names (prefixes)")
-    p.add_argument("--seeds", nargs="*", type=int, default=None)
-    p.add_argument("--backend", choices=("pyro", "numpyro"), default="pyro")
+    p.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="override the configurations' seeds")
+    p.add_argument("--backend", choices=("pyro", "numpyro"), default="numpyro")
+    p.add_argument("--results", type=Path, default=ROOT / "results")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "reproduce")
-    p.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
+    p.add_argument("--results-md", type=Path, default=ROOT / "RESULTS.md")
+    p.add_argument("--plots", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at once (each a one-thread subprocess; default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     args = p.parse_args(argv)
-    cfgs, budget = configs(args.full)
-    if args.seeds:
-        budget = dict(budget, seeds=tuple(args.seeds))
+    cfgs = configs(args.budget)
     if args.only:
-        cfgs = [c for c in cfgs if any(c[0].startswith(o) for o in args.only)]
+        names = {c.name for c in cfgs}  # an exact name selects itself only, else a prefix
+        cfgs = [c for c in cfgs
+                if any(c.name == o if o in names else c.name.startswith(o) for o in args.only)]
     if args.list:
         for c in cfgs:
-            print(c[0], " ".join(c[5]))
+            print(c.name, "seeds", c.seeds, c.script, " ".join(c.args))
         return
-    out_dir = args.out / ("full" if args.full else "small") / args.backend
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "runs.jsonl"
-    runs = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+    all_cfgs = configs(args.budget)
     if not args.render_only:
-        todo = [(name, script, extra, seed) for name, task, model, est, script, extra in cfgs
-                for seed in budget["seeds"]
-                if not any(r.get("name") == name and r.get("seed") == seed and "error" not in r
-                           for r in runs)]
-        todo.sort(key=lambda job: job[3])  # every row at its first seeds before more seeds
+        todo = [(c, s) for c in cfgs for s in (args.seeds or c.seeds)
+                if not record_path(args.results, args.budget, c.name, s).exists()]
+        todo.sort(key=lambda job: job[1])  # every row at its first seed before more seeds
         lock = threading.Lock()
 
         def one(job):
-            name, script, extra, seed = job
-            r = run_one(name, script, extra, seed, out_dir, args.backend)
+            cfg, seed = job
+            r = run_one(cfg, seed, args.budget, args.backend, args.results, args.out)
             with lock:
-                runs.append(r)
-                with open(log, "a") as fh:
-                    fh.write(json.dumps(r) + "\n")
-                msg = r.get("error") or (f"train {r['train_objective_last10pct']:.2f} "
-                                         f"test100 {r['test_bound_100']:.2f} "
-                                         f"{r['ms_per_step']:.1f} ms/step wall {r['wall_s']:.0f}s")
-                print(f"{name} seed {seed}: {msg}", flush=True)
-                render(runs, cfgs, budget, args.full, args.results, args.backend)
+                if "error" in r:
+                    print(f"{cfg.name} seed {seed}: FAILED {r['error']}", flush=True)
+                else:
+                    print(f"{cfg.name} seed {seed}: train {r['train_objective_last_tenth']:.2f} "
+                          f"test {r.get(_test_key(r))} {r['ms_per_step']:.2f} ms/step "
+                          f"wall {r['wall_s']:.0f}s", flush=True)
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(one, todo))
-    render(runs, cfgs, budget, args.full, args.results, args.backend)
-    print(f"wrote {args.results}")
+    render(load_records(args.results, args.budget), all_cfgs, args.budget, args.results_md,
+           args.plots)
+    print(f"wrote {args.results_md}")
 
 
 if __name__ == "__main__":
