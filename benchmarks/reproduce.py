@@ -230,7 +230,9 @@ def render(records, cfgs, budget, path, plot_dir):
         "test set at the end (ReinMax harness: the test ELBO, shown as -ELBO as the papers do; "
         "its 100-sample bound is in the notes).", "",
     ]
-    notes, setups = [], []
+    notes, setups, sections = [], [], []
+    header = ["estimator", "seeds", "steps", "train", "best tenth", "test",
+              "published train / test", "ms/step", "drift"]
     for setup, title in SETUPS.items():
         rows = [c for c in cfgs if c.setup == setup and c.name in by_name]
         if not rows:
@@ -238,9 +240,9 @@ def render(records, cfgs, budget, path, plot_dir):
         setups.append(setup)
         cvae = setup.startswith("cvae")
         sign = -1.0 if cvae else 1.0
-        lines += [f"## {title}", "",
-                  "| estimator | seeds | steps | train | best tenth | test | published "
-                  "train / test | ms/step | drift |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        table = []
         for c in rows:
             rs = sorted(by_name[c.name], key=lambda r: r["seed"])
             train = [r["train_objective_last_tenth"] for r in rs]
@@ -255,11 +257,12 @@ def render(records, cfgs, budget, path, plot_dir):
                      if (r.get("train_objective_drift") or 0.0) > DRIFT_NATS]
             ms = statistics.mean(r["ms_per_step"] for r in rs)
             pub = " / ".join(c.published) if c.published != ("-", "-") else "-"
-            lines.append(
-                f"| {c.label} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']:,} | "
-                f"{fmt(train, sign=sign)} | {fmt(best, sign=sign)} | {fmt(test, sign=sign)} | "
-                f"{pub} | {ms:.2f} | "
-                + (f"**drift** (seeds {','.join(map(str, drift))})" if drift else "") + " |")
+            row = [c.label, ",".join(str(r["seed"]) for r in rs), f"{rs[0]['steps']:,}",
+                   fmt(train, sign=sign), fmt(best, sign=sign), fmt(test, sign=sign), pub,
+                   f"{ms:.2f}", f"**drift** (seeds {','.join(map(str, drift))})" if drift else ""]
+            table.append(row)
+            lines.append("| " + " | ".join(row) + " |")
+        sections.append((setup, title, table))
         lines += ["", f"![{setup}](docs/results/{budget}_{setup}.png)", ""]
         _plot(setup, title, [(c.label, by_name[c.name]) for c in rows],
               plot_dir / f"{budget}_{setup}.png", sign)
@@ -275,7 +278,32 @@ def render(records, cfgs, budget, path, plot_dir):
                   "exists): " + ", ".join(missing) + ".", ""]
     lines += [HAND_WRITTEN]
     path.write_text("\n".join(lines) + (kept or "\n"))
+    _render_rst(sections, header, budget, plot_dir.parent / "results.rst", missing)
     return setups
+
+
+def _render_rst(sections, header, budget, path, missing):
+    """The docs' results page: the same tables and plots as RESULTS.md."""
+    out = ["Results", "=======", "",
+           "Published numbers reproduced at the papers' full budgets with the NumPyro backend "
+           "of the examples (``benchmarks/reproduce.py``; one run record per configuration and "
+           f"seed under ``results/{budget}/``). Mean ± sample sd over seeds. *train*: the "
+           "training objective averaged over the last tenth of the steps; *best tenth*: over "
+           "the best tenth (a drift mark when the last is more than "
+           f"{DRIFT_NATS:g} nats below the best); *test*: the 100-sample bound on the full "
+           "test set (ReinMax harness: test -ELBO). Published figures: REBAR's Tables App.1 "
+           "and App.2 (Tucker et al. 2017, column REBAR), ReinMax-CV's released per-seed "
+           "results (Wang & Bui); the DisARM paper's rows are compared with a hand-written "
+           "jitted JAX DisARM step of the same setup.", ""]
+    for setup, title, table in sections:
+        out += [title, "-" * len(title), "", ".. list-table::", "   :header-rows: 1", ""]
+        for row in [header] + table:
+            cells = [(c.replace("**", "") or "-") for c in row]
+            out += ["   * - " + cells[0]] + [f"     - {c}" for c in cells[1:]]
+        out += ["", f".. image:: results/{budget}_{setup}.png", "   :width: 90%", ""]
+    if missing:
+        out += ["Not run yet: " + ", ".join(m.replace("`", "``") for m in missing) + ".", ""]
+    path.write_text("\n".join(out))
 
 
 def _plot(setup, title, series, png, sign):
