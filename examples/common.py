@@ -2,7 +2,8 @@
 Helpers shared by the examples (``sbn.py``, ``structured_prediction.py``,
 ``categorical_vae.py``, ``gradient_variance.py``) and ``benchmarks/reproduce.py``:
 
-* :func:`limit_threads` (call before importing torch / jax: one intra-op thread),
+* :func:`limit_threads` (call before importing torch / jax: ``--threads``
+  intra-op threads, one by default; see :data:`DEFAULT_THREADS`),
 * a tiny backend layer (:func:`get_backend`) so that one model / guide
   definition runs under Pyro and NumPyro: ``bk.sample``, ``bk.param``,
   ``bk.plate(x, idx, num_data)``, ``bk.dist``, ``bk.ops`` (activations,
@@ -37,14 +38,55 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(ROOT))
 
 
-def limit_threads(n=1):
-    """One intra-op thread for torch / XLA / BLAS (call before importing them)."""
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, str(n))
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+#: the default of ``--threads``: one intra-op thread. Small-batch steps are
+#: latency-bound; on a busy or shared machine (or with several runs at once, as
+#: ``benchmarks/reproduce.py --jobs 2`` does) torch's default of one thread per
+#: core made Pyro steps about 10x slower (262.7 vs 25.5 ms/step measured on a busy
+#: 2-core machine). ``--threads 0`` leaves the choice to torch / XLA (all cores),
+#: which can pay off for large batches on an otherwise idle machine.
+DEFAULT_THREADS = 1
+
+
+def threads_from_argv(argv=None, default=DEFAULT_THREADS):
+    """The ``--threads N`` of the command line (read before torch / jax import)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        try:
+            if a == "--threads":
+                return int(argv[i + 1])
+            if a.startswith("--threads="):
+                return int(a.split("=", 1)[1])
+        except (IndexError, ValueError):
+            break  # argparse reports it
+    return default
+
+
+def limit_threads(n=None, platform="cpu"):
+    """
+    ``n`` intra-op threads for torch / XLA / BLAS (call before importing them;
+    default: ``--threads`` of the command line, else :data:`DEFAULT_THREADS`).
+    ``n = 0``: leave the thread counts to the libraries. ``platform``: the
+    default ``JAX_PLATFORMS`` (None: let JAX pick, e.g. a GPU). Variables the
+    user has set win.
+    """
+    n = threads_from_argv() if n is None else n
+    if n > 0:
+        os.environ.setdefault(
+            "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}"
+        )
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, str(n))
+    if platform is not None:
+        os.environ.setdefault("JAX_PLATFORMS", platform)
+
+
+def set_threads(args):
+    """Apply ``--threads`` to torch if it is loaded (``torch.set_num_threads``;
+    the environment set by :func:`limit_threads` covers XLA and BLAS)."""
+    n = getattr(args, "threads", DEFAULT_THREADS)
+    torch = sys.modules.get("torch")
+    if n > 0 and torch is not None:
+        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------
@@ -515,7 +557,9 @@ def add_common_args(p, default_out, estimators, default_estimator):
                    help="evaluations per step of RLOO / VIMCO (samples) and local DisARM "
                         "(num_samples // 2 pairs) (default %(default)s: the cost of one "
                         "antithetic pair)")
-    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations of the test bound (default: a tenth of "
+                        "--num-steps, at most 10000)")
     p.add_argument("--eval-size", type=int, default=1000,
                    help="test examples (a seeded random subset) of the periodic evaluation")
     p.add_argument("--eval-samples", type=int, default=100,
@@ -526,7 +570,47 @@ def add_common_args(p, default_out, estimators, default_estimator):
                    help="seed of the evaluation subset and of its fixed binarization")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the plot and JSON of an earlier run with the same name "
+                        "(without it the run refuses to start)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="intra-op threads of torch / XLA (default %(default)s: fastest for "
+                        "small batches and on a busy or shared machine; 0: the library's "
+                        "choice, one per core)")
     return p
+
+
+def check_outputs(args, name, suffixes=(".json", ".png")):
+    """Refuse to start (``SystemExit``) when ``<out>/<name>`` outputs of an earlier
+    run exist and ``--overwrite`` was not given."""
+    if getattr(args, "overwrite", False):
+        return
+    found = [args.out / f"{name}{s}" for s in suffixes if (args.out / f"{name}{s}").exists()]
+    if found:
+        raise SystemExit(
+            f"{found[0]} exists (an earlier run with these settings). Pass --overwrite to "
+            "replace it, or --tag SUFFIX / --out DIR to keep both."
+        )
+
+
+def print_summary(result):
+    """One readable line: train objective (last tenth), test bound(s), ms/step, plot."""
+    parts = [f"{result.get('example', 'run')} [{result.get('backend')}"
+             + (f", {result['estimator']}" if "estimator" in result else "") + "]",
+             f"{result.get('steps')} steps"]
+    train = result.get("train_objective_last10pct")
+    if train is not None:
+        parts.append(f"train objective {train:.2f} (mean of the last tenth)")
+    for k, v in result.items():
+        if k.startswith("test_bound_") and not k.endswith("_subset") and v is not None:
+            size = result.get("test_size")
+            parts.append(f"test {k[len('test_bound_'):]}-sample bound {v:.2f}"
+                         + (f" ({size} examples)" if size else ""))
+    if result.get("ms_per_step") is not None:
+        parts.append(f"{result['ms_per_step']:.1f} ms/step")
+    if result.get("plot"):
+        parts.append(f"plot {result['plot']}")
+    print(" | ".join(parts), flush=True)
 
 
 DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz",
@@ -589,6 +673,8 @@ def train(args, trainer, batches, step_args, evaluate, desc):
     """
     from tqdm import tqdm
 
+    if getattr(args, "eval_every", None) is None:
+        args.eval_every = max(1, min(10_000, (args.num_steps or 10_000) // 10))
     history, tests = [], [(0, evaluate(0))]
     train_time, first = 0.0, None
     running = None
@@ -615,7 +701,13 @@ def train(args, trainer, batches, step_args, evaluate, desc):
     return history, tests, train_time, first or 0.0
 
 
-def save_plot(path, history, tests, title, test_label, ylabel="nats per example"):
+def save_plot(path, history, tests, title, test_label, ylabel="nats per example", final=None):
+    """
+    The training curve (per step and smoothed), the periodic test bound
+    (``tests``, every point inside the axes, the first included) and, with
+    ``final = (value, n)``, the final test bound on ``n`` examples (the full
+    test set by default) as a star at the last step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -629,17 +721,26 @@ def save_plot(path, history, tests, title, test_label, ylabel="nats per example"
     if w > 1:
         smooth = np.convolve(values, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1 :], smooth, color="C0", label=f"train objective ({w}-step mean)")
+    points = [t[1] for t in tests]
     if tests:
         ts = np.array(tests)
         ax.plot(ts[:, 0], ts[:, 1], "o-", color="C1", label=test_label)
+    if final is not None:
+        value, n = final
+        ax.plot([steps[-1] if len(steps) else 0], [value], "*", color="C3", ms=12,
+                label=f"final test bound, {n} examples: {value:.2f}")
+        points.append(value)
+    # the y range: the curve without its first tenth (the initial transient) and
+    # every test point
     tail = values[len(values) // 10 :] if len(values) > 20 else values
-    lo = min(np.percentile(tail, 1), *(t[1] for t in tests[1:])) if len(tests) > 1 else np.percentile(tail, 1)
-    hi = max(values.max(), *(t[1] for t in tests))
-    ax.set_ylim(lo - 0.1 * (hi - lo) - 1, hi + 0.05 * (hi - lo) + 1)
+    lo = min([np.percentile(tail, 1)] + points) if len(tail) else min(points)
+    hi = max([values.max()] + points) if len(values) else max(points)
+    pad = 0.05 * (hi - lo) + 1
+    ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -122,6 +122,9 @@ def make_args(bk, x):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
+    name = f"sp_{args.backend}_{args.model}_{args.estimator}{args.tag}"
+    common.check_outputs(args, name)  # before training: no silent overwrite
+    common.set_threads(args)
     train_set = load_mnist(args.data, args.binarize, "train")
     test_set = load_mnist(args.data, args.binarize, "test")
     args.num_data = len(train_set)
@@ -155,13 +158,13 @@ def main(argv=None):
     final = bound(trainer, (x_test,), K)
     final_eval_s = time.perf_counter() - t_eval
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"sp_{args.backend}_{args.model}_{args.estimator}{args.tag}"
     plot = args.out / f"{name}.png"
     common.save_plot(
         plot, history, tests,
         f"Structured prediction {args.model} ({Path(args.data).stem}, {args.binarize}), "
         f"{args.estimator} [{args.backend}], batch {args.batch_size}, lr {args.lr:g}",
         f"test {K}-sample bound ({len(x_eval)} examples)",
+        final=(final, len(x_test)),
         ylabel="log p(lower half | upper half), nats",
     )
     steps = len(history)
@@ -178,6 +181,7 @@ def main(argv=None):
         "final_eval_s": final_eval_s, "wall_time_s": time.perf_counter() - t0,
         "plot": str(plot),
     }
+    common.print_summary(result)
     return common.finish(args, name, result, history, tests)
 
 
