@@ -24,6 +24,7 @@ from numpyro.infer.elbo import ELBO
 
 from . import estimators
 from . import sites as _sites
+from .arguments import check_bool, check_count, check_vectorize_particles
 from .sites import Plan, pair_surrogate, score_surrogate, total_elbo
 
 __all__ = ["ARM_ELBO", "DisARM_ELBO", "RLOO_ELBO", "SiteELBO"]
@@ -54,10 +55,13 @@ class SiteELBO(ELBO):
     _bound = False
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, vectorize=True):
+        owner = type(self).__name__
+        num_particles = check_count(owner, "num_particles", num_particles)
+        vectorize_particles = check_vectorize_particles(owner, vectorize_particles)
         super().__init__(
             num_particles=num_particles, vectorize_particles=vectorize_particles
         )
-        self.vectorize = vectorize
+        self.vectorize = check_bool(owner, "vectorize", vectorize)
         self._warned = set()
         self._structure = None
         self._noise = None  # test hook: {site name: uniforms} used by every draw
@@ -106,6 +110,7 @@ class SiteELBO(ELBO):
 
         :return: ``{"loss": -(V + (S - sg(S))), "mutable_state": ...}``.
         """
+        check_rng_key(type(self).__name__, rng_key)
 
         def single_particle(key):
             return self._particle_loss(
@@ -137,6 +142,15 @@ class SiteELBO(ELBO):
         return self.loss_with_mutable_state(
             rng_key, param_map, model, guide, *args, **kwargs
         )["loss"]
+
+
+def check_rng_key(owner, rng_key):
+    """Raise a clear error for a missing key (``elbo.loss(None, ...)``)."""
+    if rng_key is None:
+        raise TypeError(
+            f"{owner} draws its own noise and needs an rng_key, got None. SVI passes "
+            "one; when calling elbo.loss(...) directly, pass e.g. jax.random.PRNGKey(0)."
+        )
 
 
 class _PairELBO(SiteELBO):
@@ -305,9 +319,7 @@ class RLOO_ELBO(SiteELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, num_samples=2,
                  vectorize=True):
-        if num_samples < 2:
-            raise ValueError(f"RLOO_ELBO needs num_samples >= 2, got {num_samples}.")
-        self.num_samples = num_samples
+        self.num_samples = check_count("RLOO_ELBO", "num_samples", num_samples, 2)
         super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
 
     def plan(self, num_sites):

@@ -30,6 +30,7 @@ from numpyro.distributions.distribution import validation_enabled
 
 from . import estimators
 from . import sites as _sites
+from .arguments import check_count
 from .elbo import SiteELBO
 from .sites import Plan, _expand, _float_value, score
 
@@ -137,9 +138,7 @@ class VIMCO(_MultiSampleELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, num_samples=2,
                  vectorize=True):
-        if num_samples < 2:
-            raise ValueError(f"VIMCO needs num_samples >= 2, got {num_samples}.")
-        self.num_samples = num_samples
+        self.num_samples = check_count("VIMCO", "num_samples", num_samples, 2)
         super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
 
     def plan(self, num_sites):
@@ -189,9 +188,7 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, num_pairs=1,
                  vectorize=True):
-        if num_pairs < 1:
-            raise ValueError(f"LocalDisARM_IWAE needs num_pairs >= 1, got {num_pairs}.")
-        self.num_pairs = num_pairs
+        self.num_pairs = check_count("LocalDisARM_IWAE", "num_pairs", num_pairs, 1)
         super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
 
     def plan(self, num_sites):
@@ -261,9 +258,11 @@ def iwae_bound(rng_key, params, model, guide, *args, num_samples=100, chunk_size
     :returns: the bound, a scalar JAX array.
     """
     del max_plate_nesting
-    num_samples, chunk_size = int(num_samples), int(min(chunk_size, num_samples))
-    if num_samples < 1:
-        raise ValueError(f"iwae_bound needs num_samples >= 1, got {num_samples}.")
+    num_samples = check_count("iwae_bound", "num_samples", num_samples, 1)
+    chunk_size = min(check_count("iwae_bound", "chunk_size", chunk_size, 1), num_samples)
+    if rng_key is None:
+        raise TypeError("iwae_bound needs an rng_key, got None; pass e.g. "
+                        "jax.random.PRNGKey(0).")
     leaves, treedef = jax.tree.flatten((args, kwargs))
     dynamic = [isinstance(x, (jax.Array, np.ndarray, np.generic, float)) for x in leaves]
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, params)))

@@ -51,10 +51,12 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import block, seed, substitute, trace
 
-from .elbo import _COMMON_DOC, SiteELBO
+from .arguments import check_bool, check_count, check_finite
+from .elbo import _COMMON_DOC, SiteELBO, check_rng_key
 from .sites import Plan, _base_dist, _expand, _float_value, _kind, check_one_hot, score, total_elbo
 
 __all__ = [
+    "TEMPERATURE_MIN",
     "ControlVariateNet",
     "RELAX_ELBO",
     "REBAR_ELBO",
@@ -64,6 +66,22 @@ __all__ = [
     "perturbed_logits",
     "relax",
 ]
+
+
+#: The smallest temperature :math:`\lambda` REBAR and RELAX accept (fixed, initial
+#: or adapted). The relaxation :math:`\sigma(z/\lambda)` changes only where
+#: :math:`|z| \lesssim 10\lambda`, which a fraction of about :math:`5\lambda` of the
+#: draws reach (the density of :math:`z` at 0 is :math:`\sigma(\alpha)\sigma(-\alpha)
+#: \le 1/4`): the control variate's pathwise terms are 0 on all other draws and
+#: of order :math:`1/\lambda` on those, so the estimator stays unbiased but its
+#: variance grows as :math:`1/\lambda` (measured on a one-site model: about
+#: :math:`0.06/\lambda` for the logit's gradient from :math:`\lambda = 10^{-1}`
+#: down to :math:`10^{-6}`, in float32 and float64) and at :math:`\lambda = 10^{-8}`
+#: every one of 60,000 draws gave a gradient of exactly 0. At
+#: :math:`\lambda = 10^{-2}` about 5% of the draws reach the transition and the
+#: variance is about 5 times that at :math:`\lambda = 1`. Large temperatures are
+#: harmless (:math:`\sigma(z/\lambda) \to 1/2`, a constant control variate).
+TEMPERATURE_MIN = 1e-2
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +208,7 @@ class REBAR_ELBO(SiteELBO):
 
     **Adapting** :math:`\\lambda` **and** :math:`\\eta` ([1] Sec. 3.3; RELAX eq. (6)):
     with ``adapt=True`` each discrete site has its own temperature
-    :math:`\\lambda > 0` and scale :math:`\\eta \\in (0, 2)` (initialised at
+    :math:`\\lambda \\ge` :data:`TEMPERATURE_MIN` and scale :math:`\\eta \\in (0, 2)` (initialised at
     ``temperature`` and ``eta``), declared as NumPyro params
     ``_bg_<site>_temperature`` and ``_bg_<site>_eta`` by :meth:`wrap_guide`,
     and trained by the optimizer you pass to SVI on the single-sample variance
@@ -216,9 +234,13 @@ class REBAR_ELBO(SiteELBO):
     evaluations. Integer ``Categorical`` sites raise an error pointing to
     :class:`~numpyro_binary_grads.OneHotCategorical`.
     """ + _COMMON_DOC + """
-    :param float temperature: the (initial) temperature :math:`\\lambda > 0`.
+    :param float temperature: the (initial) temperature
+        :math:`\\lambda \\ge` :data:`TEMPERATURE_MIN` (``1e-2``; below it the
+        gradient is almost always exactly 0, see :data:`TEMPERATURE_MIN`);
+        adapted, it stays above that bound (constraint
+        ``greater_than(TEMPERATURE_MIN)``).
     :param float eta: the (initial) control-variate scale :math:`\\eta`
-        (in :math:`(0, 2)` when adapted).
+        (finite; in :math:`(0, 2)` when adapted).
     :param bool adapt: train :math:`\\lambda, \\eta` on the variance gradient.
 
     Other parameters as :class:`~numpyro_binary_grads.ARM_ELBO`.
@@ -233,17 +255,25 @@ class REBAR_ELBO(SiteELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=0.5,
                  eta=1.0, adapt=True, vectorize=True):
-        if not temperature > 0:
-            raise ValueError(f"{type(self).__name__} needs temperature > 0, got {temperature}.")
-        if adapt and not 0 < eta < 2:
-            raise ValueError(
-                f"{type(self).__name__}(adapt=True) keeps eta in (0, 2); got eta={eta}. "
-                "Pass adapt=False to use a fixed eta outside that range."
+        owner = type(self).__name__
+        adapt = check_bool(owner, "adapt", adapt)
+        temperature = check_finite(
+            owner, "temperature", temperature, low=TEMPERATURE_MIN,
+            hint=f"Below {TEMPERATURE_MIN:g} the relaxation is flat on almost every draw "
+            "and the gradient is almost always exactly 0 (its variance grows as "
+            "1/temperature; see numpyro_binary_grads.relaxed.TEMPERATURE_MIN).",
+        )
+        if adapt:
+            eta = check_finite(
+                owner, "eta", eta, 0.0, 2.0, low_open=True, high_open=True,
+                hint="adapt=True keeps eta in (0, 2); pass adapt=False to use a fixed "
+                "eta outside that range.",
             )
-        self.temperature = float(temperature)
-        self.eta = float(eta)
+        else:
+            eta = check_finite(owner, "eta", eta)
+        self.temperature = temperature
+        self.eta = eta
         self.adapt = adapt
-        self._sites = None  # [(name, kind, event_shape)] of the discrete sites, found by the wrapper
         self._discrete = None  # discrete guide site names, found at trace time
         self._psi = None  # {site: (temperature, eta)} of the particle being traced
         super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
@@ -268,35 +298,39 @@ class REBAR_ELBO(SiteELBO):
         seeded, and cached on this ELBO.
         """
 
+        # [(name, kind, event_shape)] of this guide's discrete sites, found on
+        # its first call (per wrapped guide: one ELBO may wrap several guides)
+        found = []
+
         @functools.wraps(guide)
         def wrapped(*args, **kwargs):
-            self._declare(guide, args, kwargs)
+            self._declare(guide, args, kwargs, found)
             return guide(*args, **kwargs)
 
         wrapped._bg_elbo = self
         return wrapped
 
-    def _find_sites(self, guide, args, kwargs):
-        if self._sites is None:
+    def _find_sites(self, guide, args, kwargs, found):
+        if not found:
             with block(), validation_enabled(False):
                 tr = trace(seed(guide, rng_seed=0)).get_trace(*args, **kwargs)
-            self._sites = [
+            found.extend(
                 (name, _kind(_base_dist(site["fn"])), tuple(site["fn"].event_shape))
                 for name, site in tr.items()
                 if _is_discrete_latent(site)
-            ]
-        return self._sites
+            )
+        return found
 
-    def _declare(self, guide, args, kwargs):
+    def _declare(self, guide, args, kwargs, found):
         if not self.adapts:
             return
-        for name, kind, event_shape in self._find_sites(guide, args, kwargs):
+        for name, kind, event_shape in self._find_sites(guide, args, kwargs, found):
             self._declare_site(name, kind, event_shape)
 
     def _declare_site(self, name, kind, event_shape):
         if self.adapt:
             numpyro.param(self.param_name(name, "temperature"), jnp.asarray(self.temperature),
-                          constraint=constraints.positive)
+                          constraint=constraints.greater_than(TEMPERATURE_MIN))
             numpyro.param(self.param_name(name, "eta"), jnp.asarray(self.eta),
                           constraint=constraints.interval(0.0, 2.0))
 
@@ -430,6 +464,7 @@ class REBAR_ELBO(SiteELBO):
         As :meth:`SiteELBO.loss_with_mutable_state`; with adapted params in
         ``param_map`` their gradient is the variance gradient (below).
         """
+        check_rng_key(type(self).__name__, rng_key)
         guide_params = self._inspect_guide(rng_key, param_map, guide, args, kwargs)
         out = super().loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)
         psi = {n: param_map[n] for n in self.adapted_names() if n in param_map}
@@ -577,7 +612,7 @@ class RELAX_ELBO(REBAR_ELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, control_variate=None,
                  hidden_size=137, temperature=0.5, eta=1.0, adapt=True, vectorize=True):
-        self.hidden_size = hidden_size
+        self.hidden_size = check_count("RELAX_ELBO", "hidden_size", hidden_size, 1)
         self._nets = {}
         self._user_nets = control_variate
         self._rho = None

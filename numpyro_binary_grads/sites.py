@@ -81,6 +81,7 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistribution
 from numpyro.distributions.distribution import validation_enabled
+from numpyro.distributions.util import clamp_probs
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.primitives import Messenger
 from numpyro.util import _validate_model, check_model_guide_match, not_jax_tracer
@@ -132,9 +133,16 @@ def _kind(base):
 
 
 def _bernoulli_logits(base):
+    """
+    The logits of a Bernoulli site. ``probs`` are clamped to
+    ``[tiny, 1 - eps]`` first, as NumPyro's ``BernoulliProbs.logits`` does
+    (``clamp_probs``): ``probs`` of exactly 0 or 1 (``sigmoid(h)`` saturates
+    at ``h`` above about 17 in float32) give finite logits whose gradient is
+    0, as in :class:`numpyro.infer.Trace_ELBO`, not NaN.
+    """
     if isinstance(base, dist.BernoulliLogits):
         return base.logits
-    probs = base.probs
+    probs = clamp_probs(base.probs)
     return jnp.log(probs) - jnp.log1p(-probs)
 
 
@@ -749,6 +757,7 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None,
         guide_trace, model_trace, record, _ = _traces(
             0, key, params, model, guide, args, kwargs, None, owner, None, supports
         )
+        _check_match(model_trace, guide_trace)
         _validate_model(model_trace, plate_warning="loose")
         found["traces"] = (model_trace, guide_trace)  # metadata only, after tracing
         found["guide"] = _summarize(guide_trace)
@@ -757,7 +766,13 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None,
         return jnp.zeros(())
 
     with validation_enabled(False):
-        jax.eval_shape(fn, key, params)
+        try:
+            jax.eval_shape(fn, key, params)
+        except (ValueError, TypeError, IndexError) as err:
+            # e.g. a model that broadcasts the guide's values against its own
+            # plate sizes: name the site where model and guide disagree
+            _diagnose_mismatch(err, key, params, model, guide, args, kwargs, owner, supports)
+            raise
     guide_sites, guide_plates = found["guide"]
     model_sites, model_plates = found["model"]
     for name, info in model_sites.items():
@@ -832,6 +847,84 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None,
         frames = {(f.name, f.dim) for f in guide_sites[name]["frames"]}
         common = frames if common is None else common & frames
     return GuideStructure(discrete, num_before, plate_scales, tuple(sorted(common or ())))
+
+
+def _site_shape(site):
+    return tuple(site["fn"].shape(tuple(site["kwargs"].get("sample_shape", ()))))
+
+
+def _check_match(model_trace, guide_trace):
+    """
+    Raise, naming the site, where a latent guide site and the model site of
+    the same name disagree in their plates' sizes or their shapes (as
+    :func:`numpyro.util.check_model_guide_match` does, with the plate),
+    before NumPyro's own plate checks fail with a bare broadcasting error.
+    """
+    plate_sizes = {}
+    for side, tr in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in tr.items():
+            if site["type"] == "plate":
+                plate_sizes[side, name] = site["args"][0]
+    for name, g in guide_trace.items():
+        m = model_trace.get(name)
+        if g["type"] != "sample" or g.get("is_observed") or m is None or m["type"] != "sample":
+            continue
+        m_frames = {f.name: f for f in m["cond_indep_stack"]}
+        for f in g["cond_indep_stack"]:
+            mf = m_frames.get(f.name)
+            if mf is None:
+                continue
+            g_size = (plate_sizes.get(("guide", f.name), f.size), f.size)
+            m_size = (plate_sizes.get(("model", f.name), mf.size), mf.size)
+            if g_size != m_size or f.dim != mf.dim:
+                what = lambda s, d: f"size {s[0]}" + (  # noqa: E731
+                    f" (subsample {s[1]})" if s[1] != s[0] else "") + f" at dim {d}"
+                raise ValueError(
+                    f"Model and guide disagree at site '{name}': its plate '{f.name}' "
+                    f"has {what(m_size, mf.dim)} in the model and "
+                    f"{what(g_size, f.dim)} in the guide. Give the plate the same "
+                    "size, subsample size and dim in both."
+                )
+        if not hasattr(m["fn"], "shape") or not hasattr(g["fn"], "shape"):
+            continue
+        m_shape, g_shape = _site_shape(m), _site_shape(g)
+        if m_shape == g_shape:
+            continue
+        n = max(len(m_shape), len(g_shape))
+        if any(a != b for a, b in zip((1,) * (n - len(m_shape)) + m_shape,
+                                      (1,) * (n - len(g_shape)) + g_shape)):
+            raise ValueError(
+                f"Model and guide shapes disagree at site '{name}': {m_shape} (model) vs "
+                f"{g_shape} (guide). Give the site the same batch and event shape in "
+                "both (plates, .expand, .to_event)."
+            )
+
+
+def _diagnose_mismatch(err, key, params, model, guide, args, kwargs, owner, supports):
+    """After ``err`` while tracing model and guide: trace both without
+    replay (each with its own draws) and raise, from ``err``, the named
+    mismatch of :func:`_check_match` if there is one; else return."""
+
+    def fn(key, params):
+        guide_key, model_key = random.split(key)
+        messenger = NoiseMessenger(
+            seed(substitute(guide, data=params), guide_key), noise_key=key, owner=owner,
+            supports=supports,
+        )
+        guide_trace = trace(messenger).get_trace(*args, **kwargs)
+        model_trace = trace(seed(substitute(model, data=params), model_key)).get_trace(
+            *args, **kwargs
+        )
+        _check_match(model_trace, guide_trace)
+        return jnp.zeros(())
+
+    try:
+        jax.eval_shape(fn, key, params)
+    except ValueError as named:
+        if str(named).startswith("Model and guide"):
+            raise named from err
+    except Exception:  # the model fails on its own: the original error stands
+        pass
 
 
 def _summarize(tr):
