@@ -48,12 +48,14 @@ from .elbo import SiteELBO
 from .sites import Plan, check_one_hot, total_elbo
 
 __all__ = [
+    "CV_FORMS",
     "GumbelRao_ELBO",
     "GumbelSoftmaxST_ELBO",
     "ReinMaxCV_ELBO",
     "ReinMaxRao_ELBO",
     "ReinMax_ELBO",
     "ST_ELBO",
+    "authors_gs_surrogate",
     "conditional_gumbel",
     "gumbel",
     "gumbel_rao_surrogate",
@@ -485,68 +487,121 @@ class ReinMaxRao_ELBO(_StraightThroughELBO):
         return 2 * gr - 0.5 * jax.nn.softmax(alpha, -1)
 
 
+#: the forms of ReinMaxCV_ELBO's Gumbel-softmax term
+CV_FORMS = ("authors", "fresh")
+
+
+def authors_gs_surrogate(alpha, tD, S, tau):
+    """
+    The Gumbel-softmax term of ReinMax-CV as the authors' code computes it:
+    :math:`\\frac1\\tau\\mathrm{softmax}(\\alpha + \\mathrm{sg}(\\theta_D + S - \\alpha))`,
+    Jacobian :math:`\\frac1\\tau J(\\mathrm{softmax}(\\theta_D + S))`, where ``S``
+    is the soft sample :math:`\\mathrm{softmax}((\\alpha + G)/\\tau)` of the
+    forward pass (a probability vector added to the logits, at temperature 1).
+    """
+    return held_softmax(alpha, tD + S, 1.0) / tau
+
+
 class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
     __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites
-    estimated by ReinMax-CV [1] (*provisional*: formula of ``ESTIMATORS.md``
-    section 7; see the notes below): ReinMax at temperature 1 plus
-    :math:`\\eta` times the difference of a Gumbel-Rao and a Gumbel-softmax
-    Jacobian at :math:`\\theta_D = \\log\\tfrac12(\\pi + D)`:
+    estimated by ReinMax-CV [1] as its authors ran it (their code,
+    ``danielwang0452/ReinMax_ASC``, ``reinmax_jacobians.py``, method
+    ``reinmax_cv``; the paper's equation numbers could not be checked here):
+    ReinMax at temperature 1 plus :math:`\\eta` times the difference of a
+    Gumbel-Rao and a Gumbel-softmax Jacobian at
+    :math:`\\theta_D = \\log\\pi_{1/2}`, :math:`\\pi_{1/2} = \\tfrac12(\\pi + D)`:
 
     .. math::
-        \\hat g_\\alpha = \\hat g_{\\rm ReinMax}(\\tau{=}1)
+        \\hat g_\\alpha = \\underbrace{\\big(2J(\\pi_{1/2}) - \\tfrac12 J(\\pi)\\big) g_D}_{\\rm ReinMax,\\ \\tau = 1}
         + \\eta\\Big(\\bar J_{\\rm GR}(\\theta_D;\\tau)
-        - \\tfrac1\\tau J\\big(\\mathrm{softmax}((\\theta_D + G')/\\tau)\\big)\\Big) g_D,
+        - \\tfrac1\\tau J\\big(\\mathrm{softmax}(\\theta_D + S)\\big)\\Big) g_D,
+        \\qquad S = \\mathrm{softmax}((\\alpha + G)/\\tau),
 
-    :math:`\\bar J_{\\rm GR}` as in :class:`ReinMaxRao_ELBO` (:math:`K` conditional
-    draws), :math:`G'` a fresh unconditional Gumbel vector. Biased; one
-    evaluation of the integrand per step, :math:`K + 1` softmaxes per site
-    element.
+    where :math:`G` is the Gumbel noise of the sample itself,
+    :math:`D = \\mathrm{onehot}(\\arg\\max(\\alpha + G))`, so :math:`S` is the
+    forward pass's soft Gumbel-softmax sample, and
+    :math:`\\bar J_{\\rm GR}(\\theta_D;\\tau) = \\frac1K\\sum_k\\frac1\\tau
+    J(\\mathrm{softmax}(\\tilde z^{(k)}/\\tau))` with :math:`K` conditional draws
+    :math:`\\tilde z^{(k)} \\sim (\\theta_D + G' \\mid \\arg\\max(\\theta_D + G') = D)`
+    (as :class:`ReinMaxRao_ELBO`; the authors use :math:`K = 100`). The
+    authors' forward pass saves :math:`S` in the slot its backward pass reads
+    as the Gumbel noise, so their Gumbel-softmax term adds the probability
+    vector :math:`S` to :math:`\\theta_D` inside a temperature-1 softmax and
+    divides by :math:`\\tau`; this class computes exactly that.
 
-    Notes: the authors' development code (``danielwang0452/ReinMax_ASC``,
-    ``reinmax_cv``) evaluates the Gumbel-softmax term at
-    :math:`\\theta_D + S` where :math:`S` is the soft Gumbel-softmax sample of
-    the forward pass (a probability vector, not a Gumbel vector) and without
-    dividing by :math:`\\tau` inside the softmax; its defaults are
-    :math:`\\eta = 1`, :math:`\\tau = 1` in ``run_reinmax_cv.py``'s signature
-    but :math:`\\eta = 0.5` and 100 conditional draws in the configurations it
-    runs. This class follows the spec's formula (they agree at
-    :math:`\\tau = 1` except for the noise of the Gumbel-softmax term).
+    Bias and variance. Given :math:`D`, write
+    :math:`\\hat g = m(D) + \\varepsilon` with :math:`m(D) = \\mathbb E[\\hat g \\mid D]`.
+    The fluctuations of :math:`\\bar J_{\\rm GR}` (the conditional draws) and of
+    the Gumbel-softmax term (:math:`S` given :math:`D`) are zero-mean given
+    :math:`D`; the correction's conditional mean
+    :math:`\\eta\\,(\\mathbb E[\\bar J_{\\rm GR} \\mid D] - \\mathbb E[\\tfrac1\\tau
+    J(\\mathrm{softmax}(\\theta_D + S)) \\mid D])\\, g_D` is not (the two
+    Jacobians are averages over different noise), so the estimator's mean
+    differs from ReinMax's by its expectation over :math:`D` (a bias relative
+    to ReinMax, which is exact for :math:`f` quadratic in :math:`D`). ReinMax's
+    term is a function of :math:`D` alone, hence
+    :math:`\\mathrm{Var}\\,\\hat g = \\mathrm{Var}\\, m(D) + \\mathbb E\\,\\mathrm{Var}(\\varepsilon \\mid D)`:
+    the zero-mean part only adds variance, and any reduction comes from the
+    deterministic part, the same part that carries the bias. Since
+    :math:`S` lies in the simplex, :math:`\\mathrm{softmax}(\\theta_D + S)_i
+    \\propto \\pi_{1/2,i}\\, e^{S_i}` is within a factor :math:`e` of
+    :math:`\\pi_{1/2}`, and at :math:`\\tau = 1` the estimate is close to
+    :math:`\\big((2 - \\eta) J(\\pi_{1/2}) + \\eta\\bar J_{\\rm GR} - \\tfrac12 J(\\pi)\\big) g_D`:
+    ReinMax moved :math:`\\eta / 2` of the way towards :class:`ReinMaxRao_ELBO`
+    (:math:`2\\bar J_{\\rm GR} - \\tfrac12 J(\\pi)`), whose variance is lower. The
+    docs page ``estimators/reinmax_cv`` has the derivation and measurements.
 
-    Variance: ReinMax's estimate is a function of :math:`D` alone. Split the
-    correction :math:`c` into :math:`\\mathbb E[c \\mid D]` and the rest; the
-    rest (the noise :math:`G'` and the conditional draws) is uncorrelated
-    with every function of :math:`D`, so
-    :math:`\\mathrm{Var}(\\hat g) = \\mathrm{Var}(\\hat g_{\\rm ReinMax} +
-    \\mathbb E[c \\mid D]) + \\mathbb E\\,\\mathrm{Var}(c \\mid D)`: only the
-    deterministic part can lower the variance, the noise only adds to it.
-    Measured: 1.0-1.4x ReinMax's variance on small models and 1.04x (eta 1)
-    / 1.15x (eta 1.5) on the 8x4 categorical VAE (``RESULTS.md``; the authors'
-    soft-sample variant 0.92-0.97x at :math:`\\eta = 1` on small models, by
-    shrinking the gradient: 3-8x our bias). Prefer :class:`ReinMaxRao_ELBO`
-    (0.5x ReinMax's variance on the VAE) for lower variance.
+    ``form="fresh"`` is *our* earlier reading, not the authors' (formerly the
+    default): the Gumbel-softmax term at
+    :math:`\\tfrac1\\tau J(\\mathrm{softmax}((\\theta_D + G')/\\tau))` with a fresh
+    unconditional Gumbel vector :math:`G'`. Its correction is mostly noise
+    (1.04-1.15x ReinMax's variance on the 8x4 categorical VAE), and training
+    with it degraded after about 25,000 steps at the full budget; kept only to
+    compare with.
 
     Example::
 
-        svi = SVI(model, guide, optax.adam(1e-3), ReinMaxCV_ELBO(eta=1.0, num_samples=10))
+        svi = SVI(model, guide, optax.adam(5e-4), ReinMaxCV_ELBO(temperature=1.0, eta=1.5))
 
-    :param float temperature: :math:`\\tau > 0` of the Gumbel-Rao and
-        Gumbel-softmax Jacobians (default 1); ReinMax's own is 1.
-    :param float eta: the control-variate coefficient :math:`\\eta` (default 1).
-    :param int num_samples: :math:`K \\ge 1` conditional Gumbel draws (default 10).
+    :param float temperature: :math:`\\tau > 0` of the forward soft sample, the
+        Gumbel-Rao and the Gumbel-softmax Jacobians (default 1); ReinMax's own
+        is 1 (the authors' ``temperature``).
+    :param float eta: the coefficient :math:`\\eta` (finite; default 1, the
+        authors' script default; their released runs use 1.5 for the 8x4, 4x24,
+        8x16, 16x12 and 64x8 VAEs and 1.0 for 10x30).
+    :param int num_samples: :math:`K \\ge 1` conditional Gumbel draws (default
+        100, as the authors).
+    :param str form: ``"authors"`` (default) or ``"fresh"`` (ours, see above).
     """ + _COMMON_PARAMS + """
-    [1] Daniel Wang, Thang D. Bui, arXiv:2603.08257, 2026 (methods
-        "ReinMax-Rao" and "ReinMax-CV"; equation numbers not confirmed).
+    [1] Daniel Wang, Thang D. Bui, "Beyond ReinMax: Low-Variance Gradient
+        Estimators for Discrete Latent Variables", arXiv:2603.08257, 2026
+        (method "ReinMax-CV").
     """
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
-                 eta=1.0, num_samples=10, vectorize=True):
+                 eta=1.0, num_samples=100, form="authors", vectorize=True):
+        if not math.isfinite(eta):
+            raise ValueError(f"ReinMaxCV_ELBO needs a finite eta, got {eta}.")
+        if form not in CV_FORMS:
+            raise ValueError(
+                f"ReinMaxCV_ELBO: form must be one of {CV_FORMS} ('authors': the estimator "
+                f"the authors ran; 'fresh': ours, for comparison), got {form!r}."
+            )
         self.eta = float(eta)
+        self.form = form
         super().__init__(num_particles, vectorize_particles, temperature=temperature,
                          num_samples=num_samples, vectorize=vectorize)
 
     def surrogate(self, name, alpha, u, D):
-        # the extra noise: K conditional draws, then one unconditional Gumbel
-        tD, gr, w = self._gr_term(name, alpha, D, extra=1)
-        gs = held_softmax(alpha, tD + gumbel(w[0]), self.temperature)
+        tau = self.temperature
+        if self.form == "authors":
+            # extra noise: the K conditional draws; S is the forward soft sample
+            tD, gr, _ = self._gr_term(name, alpha, D)
+            S = jax.nn.softmax((stop_gradient(alpha) + gumbel(u)) / tau, -1)
+            gs = authors_gs_surrogate(alpha, tD, S, tau)
+        else:
+            # extra noise: K conditional draws, then one unconditional Gumbel
+            tD, gr, w = self._gr_term(name, alpha, D, extra=1)
+            gs = held_softmax(alpha, tD + gumbel(w[0]), tau)
         return reinmax_surrogate(alpha, D, 1.0) + self.eta * (gr - gs)

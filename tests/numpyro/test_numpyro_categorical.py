@@ -222,7 +222,20 @@ def rao_matrix(tau, v):
 
 
 def cv_matrix(tau, eta, v):
-    """v: K conditional draws, then the uniforms of the unconditional G'."""
+    """ReinMax-CV as the authors' code (reinmax_jacobians.py, reinmax_cv): the
+    Gumbel-softmax term at theta_D + S, S = softmax((a + G) / tau) the forward
+    soft sample, temperature 1 inside, divided by tau. v: K conditional draws."""
+    def matrix(n, a, G, D):
+        jbar, theta = jbar_gr(a, D, tau, v, n)
+        S = softmax((a + G) / tau)
+        jgs = J(softmax(theta + S)) / tau
+        return reinmax_matrix(1.0)(n, a, G, D) + eta * (jbar - jgs)
+    return matrix
+
+
+def cv_fresh_matrix(tau, eta, v):
+    """Our form (form="fresh"): v: K conditional draws, then the uniforms of
+    the unconditional G'."""
     def matrix(n, a, G, D):
         jbar, theta = jbar_gr(a, D, tau, v[:-1], n)
         Gp = -np.log(-np.log(v[-1, n]))
@@ -246,10 +259,13 @@ CASES = [
      lambda v: rao_matrix(1.0, v)),
     ("ReinMax-Rao tau=0.5 K=4", "ReinMaxRao_ELBO", dict(temperature=0.5, num_samples=4), 4,
      lambda v: rao_matrix(0.5, v)),
-    ("ReinMax-CV tau=1 eta=1 K=3", "ReinMaxCV_ELBO", dict(num_samples=3), 4,
-     lambda v: cv_matrix(1.0, 1.0, v)),
-    ("ReinMax-CV tau=0.5 eta=0.7 K=2", "ReinMaxCV_ELBO",
-     dict(temperature=0.5, eta=0.7, num_samples=2), 3, lambda v: cv_matrix(0.5, 0.7, v)),
+    ("ReinMax-CV tau=1 eta=1.5 K=3", "ReinMaxCV_ELBO", dict(eta=1.5, num_samples=3), 3,
+     lambda v: cv_matrix(1.0, 1.5, v)),
+    ("ReinMax-CV tau=1.3 eta=0.7 K=2", "ReinMaxCV_ELBO",
+     dict(temperature=1.3, eta=0.7, num_samples=2), 2, lambda v: cv_matrix(1.3, 0.7, v)),
+    ("ReinMax-CV fresh tau=0.5 eta=0.7 K=2", "ReinMaxCV_ELBO",
+     dict(temperature=0.5, eta=0.7, num_samples=2, form="fresh"), 3,
+     lambda v: cv_fresh_matrix(0.5, 0.7, v)),
 ]
 
 
@@ -354,6 +370,11 @@ def test_argument_errors():
         GumbelRao_ELBO(num_samples=0)
     with pytest.raises(ValueError, match="num_samples >= 1"):
         ReinMaxCV_ELBO(num_samples=0)
+    with pytest.raises(ValueError, match="finite eta"):
+        ReinMaxCV_ELBO(eta=float("nan"))
+    with pytest.raises(ValueError, match="form must be one of"):
+        ReinMaxCV_ELBO(form="author")
+    assert (ReinMaxCV_ELBO().form, ReinMaxCV_ELBO().num_samples) == ("authors", 100)
     with pytest.raises(TypeError):
         ST_ELBO(1, True, 2.0)  # estimator arguments are keyword-only
     elbo = ReinMaxCV_ELBO(2, False, temperature=0.5, eta=0.3, num_samples=4, vectorize=False)
@@ -486,7 +507,8 @@ BIASED = [
     ("ReinMax tau=1", lambda: ReinMax_ELBO()),
     ("ReinMax tau=2", lambda: ReinMax_ELBO(temperature=2.0)),
     ("ReinMax-Rao tau=1 K=10", lambda: ReinMaxRao_ELBO()),
-    ("ReinMax-CV tau=1 eta=1 K=10", lambda: ReinMaxCV_ELBO()),
+    ("ReinMax-CV tau=1 eta=1.5 K=100", lambda: ReinMaxCV_ELBO(eta=1.5)),
+    ("ReinMax-CV fresh eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, form="fresh")),
 ]
 
 
@@ -554,8 +576,9 @@ VARIANTS = [
     ("ReinMax tau=1", lambda: ReinMax_ELBO()),
     ("ReinMax tau=2 (biased)", lambda: ReinMax_ELBO(temperature=2.0)),
     ("ReinMax-Rao K=10", lambda: ReinMaxRao_ELBO(num_samples=10)),
+    ("ReinMax-CV eta=1.5 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, eta=1.5)),
     ("ReinMax-CV eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10)),
-    ("ReinMax-CV eta=0.5 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, eta=0.5)),
+    ("ReinMax-CV fresh eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, form="fresh")),
 ]
 
 

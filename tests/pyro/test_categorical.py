@@ -176,7 +176,20 @@ def rao_matrix(tau, v):
 
 
 def cv_matrix(tau, eta, v):
-    """v: K conditional draws, then the uniforms of the unconditional G'."""
+    """ReinMax-CV as the authors' code (reinmax_jacobians.py, reinmax_cv): the
+    Gumbel-softmax term at theta_D + S, S = softmax((a + G) / tau) the forward
+    soft sample, temperature 1 inside, divided by tau. v: K conditional draws."""
+    def matrix(n, a, G, D):
+        jbar, theta = jbar_gr(a, D, tau, v, n)
+        S = softmax((a + G) / tau)
+        jgs = J(softmax(theta + S)) / tau
+        return reinmax_matrix(1.0)(n, a, G, D) + eta * (jbar - jgs)
+    return matrix
+
+
+def cv_fresh_matrix(tau, eta, v):
+    """Our form (form="fresh"): v: K conditional draws, then the uniforms of
+    the unconditional G'."""
     def matrix(n, a, G, D):
         jbar, theta = jbar_gr(a, D, tau, v[:-1], n)
         Gp = -np.log(-np.log(v[-1, n]))
@@ -200,11 +213,14 @@ CASES = [
      lambda v: rao_matrix(1.0, v)),
     ("ReinMax-Rao tau=0.5 K=4", lambda: ReinMaxRao_ELBO(temperature=0.5, num_samples=4), 4,
      lambda v: rao_matrix(0.5, v)),
-    ("ReinMax-CV tau=1 eta=1 K=3", lambda: ReinMaxCV_ELBO(num_samples=3), 4,
-     lambda v: cv_matrix(1.0, 1.0, v)),
-    ("ReinMax-CV tau=0.5 eta=0.7 K=2",
-     lambda: ReinMaxCV_ELBO(temperature=0.5, eta=0.7, num_samples=2), 3,
-     lambda v: cv_matrix(0.5, 0.7, v)),
+    ("ReinMax-CV tau=1 eta=1.5 K=3", lambda: ReinMaxCV_ELBO(eta=1.5, num_samples=3), 3,
+     lambda v: cv_matrix(1.0, 1.5, v)),
+    ("ReinMax-CV tau=1.3 eta=0.7 K=2",
+     lambda: ReinMaxCV_ELBO(temperature=1.3, eta=0.7, num_samples=2), 2,
+     lambda v: cv_matrix(1.3, 0.7, v)),
+    ("ReinMax-CV fresh tau=0.5 eta=0.7 K=2",
+     lambda: ReinMaxCV_ELBO(temperature=0.5, eta=0.7, num_samples=2, form="fresh"), 3,
+     lambda v: cv_fresh_matrix(0.5, 0.7, v)),
 ]
 
 
@@ -249,6 +265,11 @@ def test_argument_errors():
         GumbelRao_ELBO(num_samples=0)
     with pytest.raises(ValueError, match="num_samples >= 1"):
         ReinMaxCV_ELBO(num_samples=0)
+    with pytest.raises(ValueError, match="finite eta"):
+        ReinMaxCV_ELBO(eta=float("nan"))
+    with pytest.raises(ValueError, match="form must be one of"):
+        ReinMaxCV_ELBO(form="author")
+    assert (ReinMaxCV_ELBO().form, ReinMaxCV_ELBO().num_samples) == ("authors", 100)
     with pytest.raises(TypeError):
         ST_ELBO(1, float("inf"), False, 2.0)  # estimator arguments are keyword-only
 
@@ -357,7 +378,10 @@ BIASED = [
     ("ReinMax tau=1", lambda P: ReinMax_ELBO(P, vectorize_particles=True)),
     ("ReinMax tau=2", lambda P: ReinMax_ELBO(P, vectorize_particles=True, temperature=2.0)),
     ("ReinMax-Rao tau=1 K=10", lambda P: ReinMaxRao_ELBO(P, vectorize_particles=True)),
-    ("ReinMax-CV tau=1 eta=1 K=10", lambda P: ReinMaxCV_ELBO(P, vectorize_particles=True)),
+    ("ReinMax-CV tau=1 eta=1.5 K=100", lambda P: ReinMaxCV_ELBO(P, vectorize_particles=True,
+                                                                  eta=1.5)),
+    ("ReinMax-CV fresh eta=1 K=10", lambda P: ReinMaxCV_ELBO(P, vectorize_particles=True,
+                                                              num_samples=10, form="fresh")),
 ]
 
 
@@ -445,8 +469,9 @@ VARIANTS = [
     ("ReinMax tau=1", lambda: ReinMax_ELBO()),
     ("ReinMax tau=2 (biased)", lambda: ReinMax_ELBO(temperature=2.0)),
     ("ReinMax-Rao K=10", lambda: ReinMaxRao_ELBO(num_samples=10)),
+    ("ReinMax-CV eta=1.5 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, eta=1.5)),
     ("ReinMax-CV eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10)),
-    ("ReinMax-CV eta=0.5 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, eta=0.5)),
+    ("ReinMax-CV fresh eta=1 K=10", lambda: ReinMaxCV_ELBO(num_samples=10, form="fresh")),
 ]
 
 
