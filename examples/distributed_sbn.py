@@ -111,8 +111,8 @@ class ModuleBackend(common.PyroBackend):
         self.dtype = dtype or torch.get_default_dtype()
         self.module = torch.nn.Module()
         self.module.params = torch.nn.ParameterDict({
-            k: torch.nn.Parameter(torch.as_tensor(np.asarray(v), dtype=self.dtype,
-                                                  device=self.device))
+            k: torch.nn.Parameter(torch.tensor(np.asarray(v), dtype=self.dtype,
+                                               device=self.device))  # a copy
             for k, v in init_params.items()
         })
         self.names = list(init_params)
