@@ -200,7 +200,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainers", default="hand,disarm,tracegraph")
     p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--sweep-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the ms/step sweep (default on a GPU: 50 500 5000; "
+                        "none on a CPU)")
+    p.add_argument("--sweep-steps", type=int, default=200)
     args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    print(f"# device: {dev.platform} {getattr(dev, 'device_kind', '')} "
+          f"({len(jax.devices())} device(s)), jax {jax.__version__}", flush=True)
 
     train = load_mnist(args.data, binarize="dynamic", split="train")
     num_data = len(train)
@@ -278,9 +285,44 @@ def main(argv=None):
     if "tracegraph" in r and "disarm" in r:
         print(f"ratio TraceGraph_ELBO / DisARM_ELBO: "
               f"{r['tracegraph']['ms_per_step'] / r['disarm']['ms_per_step']:.3f}")
+    sweep = args.sweep_batches
+    if sweep is None:
+        sweep = [50, 500, 5000] if dev.platform != "cpu" else []
+    if sweep:
+        results["sweep_ms_per_step"] = batch_sweep(args, train, params0, input_mean, sweep)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def batch_sweep(args, train, params0, input_mean, batches):
+    """ms/step (median of blocks, after compilation) of the hand-written step and
+    ``DisARM_ELBO`` at each batch size, on ``jax.devices()[0]``."""
+    num_data = len(train)
+    out = {}
+    print(f"== ms/step by batch size on {jax.devices()[0]} ({args.sweep_steps} steps each)")
+    for bs in batches:
+        rng = np.random.default_rng(args.seed + bs)
+        x0 = jnp.asarray(train.binarized(np.arange(bs), rng))
+        trainers = [HandTrainer(params0, args.lr, num_data, input_mean, args.seed),
+                    SVITrainer("disarm", params0, DisARM_ELBO(), args.lr, num_data,
+                               input_mean, args.seed, x0)]
+        for t in trainers:
+            jax.block_until_ready(t.step(x0))
+        xs = [jnp.asarray(x) for _, x in train.batches(bs, rng, num_steps=args.sweep_steps)]
+        jax.block_until_ready(xs)
+        row = {}
+        for t in trainers:
+            blocks = []
+            for s in range(0, len(xs), 20):
+                t0 = time.perf_counter()
+                jax.block_until_ready([t.step(x) for x in xs[s : s + 20]])
+                blocks.append(1e3 * (time.perf_counter() - t0) / len(xs[s : s + 20]))
+            row[t.name] = statistics.median(blocks)
+        out[bs] = row
+        print(f"batch {bs:>5}: hand {row['hand']:.3f} ms  disarm {row['disarm']:.3f} ms  "
+              f"ratio {row['disarm'] / row['hand']:.2f}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -288,8 +288,9 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch.set_num_threads (default: all cores, %(default)s)")
     p.add_argument("--grad-draws", type=int, default=200)
-    p.add_argument("--shape-batches", type=int, nargs="*", default=[1, 50, 500],
-                   help="batch sizes of the performance-shape timing")
+    p.add_argument("--shape-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the performance-shape timing (default 1 50 500; "
+                        "on a GPU 1 50 500 5000)")
     p.add_argument("--shape-steps", type=int, default=200,
                    help="timed steps per trainer and batch size in the performance shape")
     p.add_argument("--validation", action="store_true", help="Pyro validation on")
@@ -302,6 +303,11 @@ def main():
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     device = torch.device(args.device)
+    if args.shape_batches is None:
+        args.shape_batches = [1, 50, 500] + ([5000] if device.type == "cuda" else [])
+    print(f"# device: {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)"), flush=True)
     rng = np.random.default_rng(args.seed)
 
     which = ["disarm", "hand", "tracegraph"]
