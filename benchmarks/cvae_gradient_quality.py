@@ -4,9 +4,10 @@ Gradient quality of the categorical estimators on the categorical VAE of
 L = 4 one-hot variables of C = 8 categories): squared bias, variance and MSE of
 the encoder-gradient estimate against the exact gradient, for ST,
 straight-through Gumbel-softmax, Gumbel-Rao, ReinMax [1], ReinMax-Rao and
-ReinMax-CV [2] (the last at the example's tuned eta and at the class default
-eta = 1; ReinMax also at tau = 1, the temperature of ReinMax-CV's ReinMax
-term), and the unbiased DisARM [3], RLOO [4] and TraceGraph_ELBO.
+ReinMax-CV [2] (as its authors ran it, K = 100, at the example's tuned eta and
+at the class default eta = 1, and our earlier ``form=fresh`` with K = 10;
+ReinMax also at tau = 1, the temperature of ReinMax-CV's ReinMax term), and the
+unbiased DisARM [3], RLOO [4] and TraceGraph_ELBO.
 
 The model is trained with ReinMax (the example's tuned settings for the latent
 size) for ``--train-steps`` steps (seed ``--seed``, batch 100, grey-level
@@ -43,16 +44,17 @@ example's trainer does): squared bias ``|mean - exact|^2 - tr(Var) / draws``
 jackknife standard error over ``--blocks`` blocks of draws, and the ms per draw
 (``loss_and_grads`` only). Estimator names are the example's; ``name:key=value``
 overrides a setting (``reinmax_cv:eta=1``, ``rloo:num_samples=4``,
-``reinmax:temperature=1``).
+``reinmax:temperature=1``, ``reinmax_cv:form=fresh,rao_samples=10``).
 
     python benchmarks/cvae_gradient_quality.py               # about 4 min on one thread
     python benchmarks/cvae_gradient_quality.py --draws 1000  # RESULTS.md, 5.5 min
 
 [1] Liyuan Liu, Chengyu Dong, Xiaodong Liu, Bin Yu, Jianfeng Gao, "Bridging
     Discrete and Backpropagation: Straight-Through and Beyond", NeurIPS 2023.
-[2] Daniel Wang, Thang D. Bui, arXiv:2603.08257, 2026 (methods "ReinMax-Rao"
-    and "ReinMax-CV"; equation numbers not confirmed; formulas of
-    ``ESTIMATORS.md`` section 7, as ``pyro_binary_grads/categorical.py``).
+[2] Daniel Wang, Thang D. Bui, "Beyond ReinMax: Low-Variance Gradient
+    Estimators for Discrete Latent Variables", arXiv:2603.08257, 2026 (methods
+    "ReinMax-Rao" and "ReinMax-CV"; formulas as ``pyro_binary_grads/categorical.py``
+    and ``docs/estimators/reinmax_cv.rst``).
 [3] Zhe Dong, Andriy Mnih, George Tucker, "Coupled Gradient Estimators for
     Discrete Latent Variables", NeurIPS 2021 (categorical DisARM).
 [4] Wouter Kool, Herke van Hoof, Max Welling, "Buy 4 REINFORCE Samples, Get a
@@ -82,9 +84,10 @@ from pyro_binary_grads.diagnostics import evaluations_per_step  # noqa: E402
 #: the example's categorical estimators at its tuned settings, plus ReinMax-CV at
 #: the class default eta = 1 and ReinMax at tau = 1 (ReinMax-CV's ReinMax term)
 DEFAULT_ESTIMATORS = ["st", "gumbel_st", "gumbel_rao", "reinmax", "reinmax:temperature=1",
-                      "reinmax_rao", "reinmax_cv", "reinmax_cv:eta=1", "disarm", "rloo",
-                      "tracegraph"]
-SETTINGS = {"temperature": float, "eta": float, "rao_samples": int, "num_samples": int}
+                      "reinmax_rao", "reinmax_cv", "reinmax_cv:eta=1",
+                      "reinmax_cv:form=fresh,rao_samples=10", "disarm", "rloo", "tracegraph"]
+SETTINGS = {"temperature": float, "eta": float, "rao_samples": int, "num_samples": int,
+            "form": str}
 
 
 def parse_spec(spec, latent):
@@ -107,6 +110,8 @@ def settings_text(name, elbo):
     for attr, label in (("temperature", "tau"), ("eta", "eta"), ("num_samples", "K")):
         if hasattr(elbo, attr) and getattr(elbo, attr) is not None:
             parts.append(f"{label} {getattr(elbo, attr):g}")
+    if hasattr(elbo, "form"):
+        parts.append(f"form {elbo.form}")
     return ", ".join(parts)
 
 
@@ -398,7 +403,12 @@ def main(argv=None):
 
     def make(spec):
         name, kw = parse_spec(spec, args.latent)
-        return common.make_elbo("pyro", name, **kw)
+        form = kw.pop("form", None)
+        elbo = common.make_elbo("pyro", name, **kw)
+        if form is not None:  # ReinMax-CV's form (make_elbo does not pass it)
+            elbo = type(elbo)(max_plate_nesting=1, temperature=elbo.temperature,
+                              eta=elbo.eta, num_samples=elbo.num_samples, form=form)
+        return elbo
 
     # -- cross-check: unbiased estimators against the exact gradient ------------
     # directions of the projection test: the exact gradient, its restriction to

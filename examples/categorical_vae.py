@@ -7,8 +7,9 @@ all 60000 training images, test on the 10000 test images, batch 100.
 
 Latent sites are ``OneHotCategorical(logits).to_event(1)`` of shape (L, C)
 (``pyro_binary_grads.OneHotCategorical`` / ``numpyro_binary_grads.OneHotCategorical``).
-Estimators: ST, straight-through Gumbel-softmax, Gumbel-Rao, ReinMax, ReinMax-Rao,
-ReinMax-CV (Pyro), RLOO and TraceGraph (both backends where the class exists).
+Estimators (both backends): ST, straight-through Gumbel-softmax, Gumbel-Rao,
+ReinMax, ReinMax-Rao, ReinMax-CV (as its authors ran it; ``--cv-form fresh`` for
+our earlier form, to compare), RLOO and TraceGraph.
 
 By default (lr, temperature, optimizer) follow the papers' tuned values for the
 chosen size (``../shared/REFERENCE_RESULTS.md``; ReinMax-CV: the author's released
@@ -82,7 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--eta", type=float, default=None, help="ReinMax-CV's coefficient")
     p.add_argument("--rao-samples", type=int, default=None,
-                   help="conditional Gumbel draws of Gumbel-Rao / ReinMax-Rao / -CV (class default 10)")
+                   help="conditional Gumbel draws of Gumbel-Rao / ReinMax-Rao / -CV (class "
+                        "defaults 10, 10, 100)")
+    p.add_argument("--cv-form", choices=("authors", "fresh"), default="authors",
+                   help="ReinMax-CV's Gumbel-softmax term: 'authors' (default, the estimator "
+                        "the authors ran) or 'fresh' (ours, a fresh Gumbel; for comparison)")
     p.add_argument("--optim", choices=("adam", "radam"), default=None)
     args = p.parse_args(argv)
     args.C, args.L = (int(v) for v in args.latent.lower().split("x"))
@@ -125,12 +130,32 @@ def make_model_and_guide(bk, args):
     return model, guide
 
 
+def make_elbo(args):
+    """The ELBO of ``--estimator`` (``common.make_elbo``), ReinMax-CV with ``--cv-form``."""
+    elbo = common.make_elbo(args.backend, args.estimator, num_samples=args.num_samples,
+                            temperature=args.temperature, eta=args.eta,
+                            rao_samples=args.rao_samples)
+    if args.estimator == "reinmax_cv" and args.cv_form != elbo.form:
+        kw = {"max_plate_nesting": 1} if args.backend == "pyro" else {}
+        elbo = type(elbo)(temperature=elbo.temperature, eta=elbo.eta,
+                          num_samples=elbo.num_samples, form=args.cv_form, **kw)
+    return elbo
+
+
 def make_args(bk, x):
     return bk.asarray(x), bk.asarray(np.arange(len(x))), len(x)
 
 
+def output_name(args):
+    form = "_fresh" if args.estimator == "reinmax_cv" and args.cv_form == "fresh" else ""
+    return f"cvae_{args.backend}_{args.latent}_{args.estimator}{form}{args.tag}"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    name = output_name(args)
+    if hasattr(common, "check_outputs"):
+        common.check_outputs(args, name)  # before training: no silent overwrite
     t0 = time.perf_counter()
     # grey values / 255 as targets: a Dataset whose "binarization" is the identity
     train_set = Dataset(load_mnist(args.data, "dynamic", "train_full").probs, "grey", "train")
@@ -139,9 +164,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     bk = common.get_backend(args.backend, init_params(args, rng))
     model, guide = make_model_and_guide(bk, args)
-    elbo = common.make_elbo(args.backend, args.estimator, num_samples=args.num_samples,
-                            temperature=args.temperature, eta=args.eta,
-                            rao_samples=args.rao_samples)
+    elbo = make_elbo(args)
     common.set_seeds(args.backend, args.seed)
     num_data = float(len(train_set))
     x0 = train_set.probs[: args.batch_size]
@@ -169,7 +192,6 @@ def main(argv=None):
     final_elbo = bound(trainer, (x_test,), 1)
     final_eval_s = time.perf_counter() - t_eval
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"cvae_{args.backend}_{args.latent}_{args.estimator}{args.tag}"
     plot = args.out / f"{name}.png"
     temp = "" if args.temperature is None else f", tau {args.temperature:g}"
     common.save_plot(
@@ -179,14 +201,21 @@ def main(argv=None):
         f"test {K}-sample bound ({len(x_eval)} examples)",
     )
     steps = len(history)
+    epoch = -(-len(train_set) // args.batch_size)
     result = {
         "example": "categorical_vae", "backend": args.backend, "latent": args.latent,
         "estimator": args.estimator, "steps": steps, "epochs": steps * args.batch_size / len(train_set),
         "batch_size": args.batch_size, "lr": args.lr, "optim": args.optim,
-        "temperature": args.temperature, "eta": args.eta, "seed": args.seed,
+        "temperature": args.temperature, "eta": args.eta,
+        "cv_form": args.cv_form if args.estimator == "reinmax_cv" else None,
+        "rao_samples": getattr(elbo, "num_samples", None)
+        if args.estimator in ("gumbel_rao", "reinmax_rao", "reinmax_cv") else None,
+        "seed": args.seed,
         "data": str(args.data), "targets": "grey/255",
         "train_objective_last10pct": common.mean_last(history),
-        "train_objective_last_epoch": float(np.mean([h[1] for h in history[-600:]])),
+        # one epoch is num_data / batch steps (600 at batch 100): None for shorter runs
+        "train_objective_last_epoch": (float(np.mean([h[1] for h in history[-epoch:]]))
+                                       if steps >= epoch else None),
         f"test_bound_{K}_subset": tests[-1][1], "eval_size": len(x_eval),
         "test_elbo": final_elbo, f"test_bound_{K}": final, "test_size": len(x_test),
         "ms_per_step": 1000 * train_time / max(1, steps - 1), "first_step_s": first,

@@ -745,3 +745,40 @@ def test_particles_and_svi_under_jit():
     for k in params:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)
     assert np.all(np.isfinite(np.asarray(losses)))
+
+
+# ---------------------------------------------------------------------------
+# 7. one-class sites (issue 17): a constant, gradient zero
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "categorical DisARM crashes on a one-class site inside "
+    "numpyro_binary_grads/estimators.py (stick_breaking_value: the 'stop' column is built "
+    "from beta[..., :1], empty for K = 1); the fix is in the issue-16 helper's report"))
+@pytest.mark.parametrize("one_hot", [True, False], ids=["OneHotCategorical", "Categorical"])
+def test_disarm_one_class_site_is_a_constant(one_hot):
+    """A one-class (OneHot)Categorical site has one value: DisARM_ELBO's loss
+    is the ELBO at it and its gradient is exactly zero (no crash), under jit."""
+    from numpyro_binary_grads import DisARM_ELBO
+
+    def site(logits):
+        d = (OneHotCategorical(logits=logits) if one_hot
+             else numpyro.distributions.Categorical(logits=logits))
+        return numpyro.sample("z", d.to_event(1))
+
+    def guide():
+        site(numpyro.param("a", jnp.zeros((3, 1))))
+
+    def model():
+        z = site(jnp.zeros((3, 1))).astype(jnp.float32)
+        numpyro.factor("f", jnp.sum((z * z).reshape(z.shape[: z.ndim - (2 if one_hot else 1)]
+                                                    + (-1,)), -1))
+
+    def loss(p):
+        return DisARM_ELBO().loss(jax.random.PRNGKey(0), p, model, guide)
+
+    params = {"a": jnp.zeros((3, 1))}
+    value, grad = jax.jit(jax.value_and_grad(loss))(params)
+    assert float(value) == (-3.0 if one_hot else 0.0)
+    assert np.all(np.asarray(grad["a"]) == 0)
