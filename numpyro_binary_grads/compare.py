@@ -73,6 +73,8 @@ def main(argv=None):
     parser.add_argument("--exact", action="store_true",
                         help="also report the bias against the exact gradient (enumeration)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (stderr) and no per-estimator lines")
     parser.add_argument("--fast-compile", action="store_true",
                         help="compile with XLA backend optimisation off (faster start)")
     args = parser.parse_args(argv)
@@ -81,9 +83,20 @@ def main(argv=None):
     estimators = [DisARM_ELBO(), ARM_ELBO(), TraceGraph_ELBO()]
     table = compare_estimators(jax.random.PRNGKey(args.seed), model, guide, data,
                                estimators=estimators, num_samples=args.num_samples,
-                               exact=args.exact, compiler_options=options)
+                               exact=args.exact,
+                               progress=not args.no_progress,
+                               on_row=None if args.no_progress else _print_row, compiler_options=options)
     print(table)
     return table
+
+
+def _print_row(row):
+    """One line per estimator as soon as it is done (the table follows at the end)."""
+    line = (f"{row.name}: {row.ms_per_step:.2f} ms/step, total var {row.total_variance:.4g}, "
+            f"SNR {row.snr:.3g}")
+    if row.exact is not None:
+        line += f", rel bias {row.relative_bias:.3g}, max|z| {row.max_abs_z:.3g}"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ negative bound) with respect to the unconstrained parameters, which is what
 """
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -276,7 +277,8 @@ def gradient_function(elbo, model, guide, args, kwargs, transforms):
 
 
 def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=1000, exact=False,
-                       params=None, compiler_options=None, **kwargs):
+                       params=None, compiler_options=None, progress=False, on_row=None,
+                       **kwargs):
     """
     Measure gradient estimators on your own model, at given parameter values.
 
@@ -331,9 +333,14 @@ def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=100
     :param dict compiler_options: passed to :func:`jax.jit` for the gradient
         functions (e.g. ``{"xla_backend_optimization_level": 0}`` compiles
         faster, runs slower).
+    :param bool progress: show a progress bar of the draws on stderr (tqdm,
+        if installed).
+    :param on_row: called with each :class:`EstimatorReport` as soon as its
+        estimator is done (e.g. to print it).
     :param kwargs: keyword arguments of model and guide (so ``estimators``,
-        ``num_samples``, ``exact``, ``params`` and ``compiler_options`` cannot
-        be passed through: wrap the model if it needs them).
+        ``num_samples``, ``exact``, ``params``, ``compiler_options``,
+        ``progress`` and ``on_row`` cannot be passed through: wrap the model if
+        it needs them).
     :returns: a :class:`Comparison`.
     """
     if num_samples < 2:
@@ -351,6 +358,8 @@ def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=100
                        for k in _latent_kinds(constrained, model, guide, args, kwargs))
     exact_grads = None
     if exact:
+        if progress:
+            print("exact gradient by enumeration ...", file=sys.stderr, flush=True)
         def exact_loss(u):
             return -exact_elbo({k: transforms[k](v) for k, v in u.items()}, model, guide,
                                *args, **kwargs)
@@ -359,7 +368,10 @@ def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=100
         exact_grads = {k: np.asarray(g) for k, g in exact_grad(uparams).items()}
     keys = random.split(draw_key, num_samples)
     rows = []
+    bar = _progress_bar(progress, len(items) * num_samples)
     for name, elbo in items:
+        if bar is not None:
+            bar.set_description(name)
         counted_model, counted_guide = _Counted(model), _Counted(guide)
         grad = jax.jit(gradient_function(elbo, counted_model, counted_guide, args, kwargs,
                                          transforms), compiler_options=compiler_options)
@@ -368,11 +380,15 @@ def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=100
         draws = {k: np.empty((num_samples,) + np.shape(v)) for k, v in uparams.items()}
         for k in draws:
             draws[k][0] = first[k]
+        if bar is not None:
+            bar.update(1)
         start = time.perf_counter()
         for i in range(1, num_samples):
             g = jax.block_until_ready(grad(uparams, keys[i]))
             for k in draws:
                 draws[k][i] = g[k]
+            if bar is not None:
+                bar.update(1)
         seconds = time.perf_counter() - start
         rows.append(EstimatorReport(
             name, num_samples,
@@ -383,6 +399,10 @@ def compare_estimators(rng_key, model, guide, *args, estimators, num_samples=100
             var={k: d.var(0, ddof=1) for k, d in draws.items()},
             exact=exact_grads,
         ))
+        if on_row is not None:
+            on_row(rows[-1])
+    if bar is not None:
+        bar.close()
     return Comparison(rows)
 
 
@@ -391,3 +411,14 @@ def _latent_kinds(params, model, guide, args, kwargs):
     gtr, _ = _traces(params, model, guide, args, kwargs, {})
     return [_kind(site["fn"]) if not site["fn"].has_rsample else None
             for site in gtr.values() if site["type"] == "sample" and not site["is_observed"]]
+
+
+def _progress_bar(progress, total):
+    """A tqdm bar on stderr when ``progress`` and tqdm is installed, else None."""
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, file=sys.stderr, unit="draw", mininterval=1.0)

@@ -67,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--exact", action="store_true",
                         help="also report the bias against the exact gradient (enumeration)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (stderr) and no per-estimator lines")
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float64)
     pyro.clear_param_store()
@@ -74,9 +76,20 @@ def main(argv=None):
     model, guide, data = example_sbn(seed=args.seed)
     estimators = [DisARM_ELBO(), ARM_ELBO(), RLOO_ELBO(num_samples=3), TraceGraph_ELBO()]
     table = compare_estimators(model, guide, data, estimators=estimators,
-                               num_samples=args.num_samples, exact=args.exact, seed=args.seed)
+                               num_samples=args.num_samples, exact=args.exact,
+                               progress=not args.no_progress,
+                               on_row=None if args.no_progress else _print_row, seed=args.seed)
     print(table)
     return table
+
+
+def _print_row(row):
+    """One line per estimator as soon as it is done (the table follows at the end)."""
+    line = (f"{row.name}: {row.ms_per_step:.2f} ms/step, total var {row.total_variance:.4g}, "
+            f"SNR {row.snr:.3g}")
+    if row.exact is not None:
+        line += f", rel bias {row.relative_bias:.3g}, max|z| {row.max_abs_z:.3g}"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ store, which is what :class:`pyro.infer.SVI` hands to the optimizer.
 """
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -217,7 +218,7 @@ def evaluations_per_step(elbo):
     return per_draw * getattr(elbo, "num_particles", 1)
 
 
-def gradient_draws(elbo, model, guide, args, kwargs, params, num_samples):
+def gradient_draws(elbo, model, guide, args, kwargs, params, num_samples, bar=None):
     """
     ``num_samples`` single-step gradients of ``elbo``'s loss w.r.t. ``params``
     (``{name: unconstrained tensor}``), each from one ``elbo.loss_and_grads``
@@ -233,6 +234,8 @@ def gradient_draws(elbo, model, guide, args, kwargs, params, num_samples):
         for k in names:
             g = params[k].grad
             out[k][i] = 0.0 if g is None else g.detach().cpu().numpy()
+        if bar is not None:
+            bar.update(1)
     seconds = time.perf_counter() - start
     for p in params.values():
         p.grad = None
@@ -240,7 +243,7 @@ def gradient_draws(elbo, model, guide, args, kwargs, params, num_samples):
 
 
 def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=False,
-                       seed=None, **kwargs):
+                       seed=None, progress=False, on_row=None, **kwargs):
     """
     Measure gradient estimators on your own model, at the current parameter
     values of Pyro's param store (params not yet there are created by a first
@@ -289,9 +292,13 @@ def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=
     :param int seed: if given, ``pyro.set_rng_seed(seed)`` right before each
         estimator's draws (after its warm-up step), so the draws are
         reproducible (and the same across calls).
+    :param bool progress: show a progress bar of the draws on stderr (tqdm,
+        if installed).
+    :param on_row: called with each :class:`EstimatorReport` as soon as its
+        estimator is done (e.g. to print it).
     :param kwargs: keyword arguments of model and guide (so ``estimators``,
-        ``num_samples``, ``exact`` and ``seed`` cannot be passed through: wrap
-        the model if it needs them).
+        ``num_samples``, ``exact``, ``seed``, ``progress`` and ``on_row``
+        cannot be passed through: wrap the model if it needs them).
     :returns: a :class:`Comparison`.
     """
     if num_samples < 2:
@@ -302,19 +309,23 @@ def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=
     params = _params(model, guide, args, kwargs)
     exact_grads = None
     if exact:
+        _progress_note(progress, "exact gradient by enumeration ...")
         loss = -exact_elbo(model, guide, *args, **kwargs)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         exact_grads = {k: (np.zeros(tuple(p.shape)) if g is None else g.detach().cpu().numpy())
                        for (k, p), g in zip(params.items(), grads)}
     rows = []
+    bar = _progress_bar(progress, len(items) * (num_samples + 1))
     for name, elbo in items:
+        if bar is not None:
+            bar.set_description(name)
         counted_model, counted_guide = _Counted(model), _Counted(guide)
-        gradient_draws(elbo, counted_model, counted_guide, args, kwargs, params, 1)  # warm-up
+        gradient_draws(elbo, counted_model, counted_guide, args, kwargs, params, 1, bar)
         counted_model.calls = counted_guide.calls = 0
         if seed is not None:
             pyro.set_rng_seed(seed)
         draws, seconds = gradient_draws(elbo, counted_model, counted_guide, args, kwargs,
-                                        params, num_samples)
+                                        params, num_samples, bar)
         rows.append(EstimatorReport(
             name, num_samples,
             executions=(counted_model.calls + counted_guide.calls) / num_samples,
@@ -324,4 +335,24 @@ def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=
             var={k: d.var(0, ddof=1) for k, d in draws.items()},
             exact=exact_grads,
         ))
+        if on_row is not None:
+            on_row(rows[-1])
+    if bar is not None:
+        bar.close()
     return Comparison(rows)
+
+
+def _progress_bar(progress, total):
+    """A tqdm bar on stderr when ``progress`` and tqdm is installed, else None."""
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, file=sys.stderr, unit="draw", mininterval=1.0)
+
+
+def _progress_note(progress, text):
+    if progress:
+        print(text, file=sys.stderr, flush=True)
