@@ -90,8 +90,9 @@ def _probs_guide(x):
 SATURATED = {jnp.float32: (30.0, -120.0), jnp.float64: (40.0, -800.0)}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("cls", BERNOULLI, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls,dtype", [(c, jnp.float32) for c in BERNOULLI] + [
+    (nbg.DisARM_ELBO, jnp.float64), (nbg.REBAR_ELBO, jnp.float64)],
+    ids=lambda x: getattr(x, "__name__", None))
 def test_probs_exactly_zero_or_one(cls, dtype):
     hi, lo = SATURATED[dtype]
     x = jnp.asarray([0.4, -0.3], dtype)
@@ -239,17 +240,17 @@ def _one_site(site, x):
     return model, guide
 
 
-@pytest.mark.parametrize("cls", [nbg.REBAR_ELBO, nbg.RELAX_ELBO], ids=lambda c: c.__name__)
-def test_one_elbo_wraps_two_guides(cls):
-    """One instance trained on two programs (different site names) in turn:
-    each wrapped guide declares its own sites' params."""
-    elbo = cls(hidden_size=4) if cls is nbg.RELAX_ELBO else cls()
-    for site, x in (("b", 0.5), ("c", -0.3), ("b", 0.1)):
+def test_one_elbo_wraps_two_guides():
+    """One REBAR instance trained on two programs (different site names) in
+    turn: each wrapped guide declares its own sites' params (RELAX_ELBO's
+    wrapper is the same code)."""
+    elbo = nbg.REBAR_ELBO()
+    for site, x in (("b", 0.5), ("c", -0.3)):
         model, guide = _one_site(site, x)
         svi = SVI(model, elbo.wrap_guide(guide), optax.adam(1e-2), elbo)
         state = svi.init(KEY)
         assert f"_bg_{site}_temperature" in svi.get_params(state)
-        state, loss = svi.update(state)
+        state, loss = jax.jit(svi.update)(state)
         assert np.isfinite(float(loss))
 
 
@@ -330,8 +331,9 @@ def test_stable_update_skips_a_nan_step():
     svi = SVI(lambda scale: model(), guide, optax.adam(0.1), nbg.DisARM_ELBO())
     state = svi.init(KEY, 1.0)
     before = svi.get_params(state)["q"]
-    new, loss = jax.jit(svi.stable_update)(state, jnp.nan)
+    update = jax.jit(svi.stable_update)
+    new, loss = update(state, jnp.asarray(jnp.nan))
     assert np.isnan(float(loss))
     assert float(svi.get_params(new)["q"]) == float(before)
-    new, loss = jax.jit(svi.stable_update)(state, 1.0)
+    new, loss = update(state, jnp.asarray(1.0))
     assert np.isfinite(float(loss)) and float(svi.get_params(new)["q"]) != float(before)
