@@ -1,5 +1,6 @@
 """
-The original Pyro-only linear one-layer SBN of ``examples/sbn.py`` as a
+A helper module, not a script (there is nothing to run here): the original
+Pyro-only linear one-layer SBN of ``examples/sbn.py`` as a
 ``torch.nn.Module`` (``SBN``) with its ``make_model_and_guide(net, name)``,
 kept for ``benchmarks/bench_pyro_disarm.py`` (``from sbn import SBN,
 make_model_and_guide`` resolves here). The example itself uses the
