@@ -1,8 +1,20 @@
 """
 ELBO classes: thin wrappers that pick an estimator and call the site
-mechanism of :mod:`pyro_binary_grads.sites`.
+mechanism (:mod:`pyro_binary_grads.sites`).
+
+Every (model, guide) pair an instance sees gets its own cached structure
+(plate nesting, discrete sites, plan) and its own verdict on whether it
+broadcasts over the evaluation dim, checked on its first step whatever
+Pyro's validation setting and again whenever its discrete sites or shapes
+change (:mod:`pyro_binary_grads.broadcast`). Programs that broadcast run on
+the one-pass vectorized path; the others, and guides whose discrete sites
+depend on the values drawn, on the sequential path, with one warning that
+says how to get the fast path.
 """
 
+import numbers
+import warnings
+from collections import OrderedDict
 
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
@@ -11,20 +23,27 @@ import pyro
 import pyro.poutine as poutine
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.util import warn_if_nan
+from pyro.util import check_model_guide_match, warn_if_nan
 
 from . import estimators
-from .sites import (
-    GuideStructure,
-    Plan,
-    check_vectorized,
-    pair_surrogate,
-    run_sequential,
-    run_vectorized,
-    score_surrogate,
-    total_elbo,
-    user_frames,
-)
+from .broadcast import check_broadcasting
+from .plans import Plan
+from .sequential import run_sequential
+from .signals import pair_surrogate, score_surrogate, total_elbo
+from .structure import PARTICLE_PLATE, GuideStructure, StructureChanged, guess_plate_nesting
+from .vectorized import run_vectorized
+
+_MAX_PROGRAMS = 8
+
+
+class _Program:
+    """What an ELBO instance knows about one (model, guide) pair."""
+
+    def __init__(self, U, structure):
+        self.U = U
+        self.structure = structure
+        self.verdicts = {}  # (signature, particles) -> None (broadcasts) or (site, why)
+        self.failed = None  # why the vectorized path failed on a later step
 
 
 class SiteELBO(ELBO):
@@ -38,6 +57,9 @@ class SiteELBO(ELBO):
     supports = (Bernoulli,)
     #: detach the discrete guide log-probs inside f (single-sample ELBOs)
     detach_discrete = True
+    #: whether guides whose discrete sites differ between the evaluations of
+    #: a draw are supported (sequential path)
+    dynamic_structure = True
 
     def __init__(
         self,
@@ -48,6 +70,12 @@ class SiteELBO(ELBO):
         vectorize=True,
         **kwargs,
     ):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral) \
+                or num_particles < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs num_particles to be a positive integer, "
+                f"got num_particles={num_particles!r}."
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -55,9 +83,12 @@ class SiteELBO(ELBO):
             **kwargs,
         )
         self.vectorize = vectorize
+        self._given_plate_nesting = max_plate_nesting
         self._user_plate_nesting = max_plate_nesting
+        self._programs = OrderedDict()
         self._structure = None
-        self._checked = False
+        self._plan = None
+        self._plans = {}
         self._noise = None  # test hook: {site name: uniforms} for the next draw
 
     def plan(self, num_sites):
@@ -66,51 +97,164 @@ class SiteELBO(ELBO):
     def value_and_surrogate(self, evals, structure, plate_nesting):
         raise NotImplementedError
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_programs=OrderedDict(), _program=None, _structure=None, _plan=None,
+                     _plans={})
+        return state
+
     # -- structure --------------------------------------------------------
 
+    def _make_plan(self, num_sites):
+        plan = self._plans.get(num_sites)
+        if plan is None:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            plan = self._plans[num_sites] = self.plan(num_sites)
+        return plan
+
+    def _discovery_particles(self):
+        if self.vectorize_particles and self.num_particles > 1 \
+                and self._given_plate_nesting != float("inf"):
+            return self.num_particles
+        return None
+
+    def _discover(self, model, guide, args, kwargs, warn=True):
+        """One blocked run of guide and model: plate nesting, discrete sites,
+        Pyro's model/guide agreement checks."""
+        U = self._given_plate_nesting
+        P = self._discovery_particles()
+        g, m = guide, model
+        if P is not None:
+            g = pyro.plate(PARTICLE_PLATE, P, dim=-(U + 1))(guide)
+            m = pyro.plate(PARTICLE_PLATE, P, dim=-(U + 1))(model)
+        # a discovery (or a check) leaves the global RNG as it was: draws do not
+        # depend on whether an instance has seen this (model, guide) before
+        with poutine.block(), torch.random.fork_rng():
+            guide_trace = poutine.trace(g).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(m, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        if U == float("inf"):
+            U = guess_plate_nesting(model_trace, guide_trace)
+        structure = GuideStructure(model_trace, guide_trace, type(self).__name__,
+                                   self.supports, warn=warn)
+        with warnings.catch_warnings():
+            if not (warn and is_validation_enabled()):
+                warnings.simplefilter("ignore")
+            check_model_guide_match(model_trace, guide_trace, U + (P is not None))
+        return U, structure
+
     def _setup(self, model, guide, args, kwargs):
-        if self._structure is not None:
-            return
-        with poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(
-                poutine.replay(model, trace=guide_trace)
-            ).get_trace(*args, **kwargs)
-        if self._user_plate_nesting == float("inf"):
-            dims = [
-                f.dim
-                for trace in (model_trace, guide_trace)
-                for site in trace.nodes.values()
-                if site["type"] == "sample"
-                for f in user_frames(site)
-                if f.dim is not None
-            ]
-            self._user_plate_nesting = -min(dims) if dims else 0
-        self._structure = GuideStructure(
-            model_trace, guide_trace, type(self).__name__, self.supports
+        """The cached program of (model, guide), discovered on first use."""
+        key = (model, guide)
+        prog = self._programs.get(key)
+        if prog is None:
+            U, structure = self._discover(model, guide, args, kwargs)
+            prog = _Program(U, structure)
+            self._programs[key] = prog
+            while len(self._programs) > _MAX_PROGRAMS:
+                self._programs.popitem(last=False)
+        self._use(prog)
+        return prog
+
+    def _use(self, prog):
+        self._program = prog
+        self._user_plate_nesting = prog.U
+        self._structure = prog.structure
+        self._plan = self._make_plan(prog.structure.num_sites)
+
+    def _rediscover(self, prog, model, guide, args, kwargs):
+        U, structure = self._discover(model, guide, args, kwargs, warn=False)
+        if structure.signature not in {s for s, _ in prog.verdicts}:
+            U, structure = self._discover(model, guide, args, kwargs, warn=True)
+        prog.U, prog.structure = U, structure
+        self._use(prog)
+
+    # -- which path --------------------------------------------------------
+
+    def _vectorized(self, prog, model, guide, args, kwargs, num_particles, seed):
+        """Whether this program runs on the vectorized path (checking it if
+        its current structure is new)."""
+        if not self.vectorize or prog.failed is not None:
+            return False
+        key = (prog.structure.signature, num_particles)
+        if key not in prog.verdicts:
+            E = self._plan.num_evaluations
+            verdict = None
+            if prog.structure.num_sites and E > 1:
+                with pyro.validation_enabled(False), torch.random.fork_rng():
+                    verdict = check_broadcasting(model, guide, args, kwargs, prog.U, E,
+                                                 seed, num_particles)
+            prog.verdicts[key] = verdict
+            if verdict is not None:
+                self._warn_sequential(*verdict)
+        return prog.verdicts[key] is None
+
+    def _warn_sequential(self, site, why):
+        where = f"At {site}, the" if site else "The"
+        warnings.warn(
+            f"{where} model or guide does not broadcast over the evaluation dim "
+            f"that {type(self).__name__} puts left of the plates ({why}). "
+            f"{type(self).__name__} evaluates it sequentially instead: the gradient "
+            "is correct, but a step costs one guide and model run per evaluation. For "
+            "the one-pass vectorized path, write the program so that it works for "
+            "any extra batch dims left of its plates: reduce and reshape only over "
+            "the right-most dims (b.sum(-1, keepdim=True) instead of b.sum(), "
+            "b.reshape(b.shape[:-2] + (-1,)) instead of b.reshape(n, -1), b @ W "
+            "instead of torch.mm(b, W)), and draw a discrete site in a guide "
+            "whose sites do not depend on drawn values (no if b.item() == 1:). Pass "
+            "vectorize=False to choose the sequential path without this warning.",
+            RuntimeWarning,
+            stacklevel=4,
         )
-        self._plan = self.plan(self._structure.num_sites)
 
     # -- one estimator draw -----------------------------------------------
 
     def _draw(self, model, guide, args, kwargs, num_particles):
-        self._setup(model, guide, args, kwargs)
-        U = self._user_plate_nesting
-        structure = self._structure
+        self._setup(model, guide, args, kwargs)  # subclasses may not return it
+        prog = self._program
         check = is_validation_enabled()
         noise = {} if self._noise is None else dict(self._noise)
         seed = int(torch.randint(0, 2**62, ()))
-        plan = self._plan
-        run = run_vectorized if self.vectorize else run_sequential
         with pyro.validation_enabled(False):
-            evals = run(model, guide, args, kwargs, structure, plan, U, noise, seed,
-                        num_particles, check_values=check,
-                        detach_discrete=self.detach_discrete)
-            if self.vectorize and check and not self._checked:
-                check_vectorized(model, guide, args, kwargs, structure, plan, U, noise,
-                                 seed, num_particles, evals)
-                self._checked = True
-        return self.value_and_surrogate(evals, structure, U)
+            for _ in range(3):
+                if not self._vectorized(prog, model, guide, args, kwargs, num_particles, seed):
+                    break
+                try:
+                    evals = run_vectorized(
+                        model, guide, args, kwargs, prog.structure, self._plan, prog.U,
+                        noise, seed, num_particles, check_values=check,
+                        detach_discrete=self.detach_discrete,
+                    )
+                except StructureChanged:
+                    self._rediscover(prog, model, guide, args, kwargs)
+                    noise = {} if self._noise is None else dict(self._noise)
+                    continue
+                except Exception as e:
+                    if "NaN or infinite logits" in str(e):
+                        raise
+                    evals = self._sequential(prog, model, guide, args, kwargs, noise,
+                                             seed, num_particles, check)
+                    prog.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    self._warn_sequential(None, "it fails when run vectorized: " + prog.failed)
+                    return self.value_and_surrogate(evals, self._structure, prog.U)
+                return self.value_and_surrogate(evals, prog.structure, prog.U)
+            evals = self._sequential(prog, model, guide, args, kwargs, noise, seed,
+                                     num_particles, check)
+        return self.value_and_surrogate(evals, self._structure, prog.U)
+
+    def _sequential(self, prog, model, guide, args, kwargs, noise, seed, num_particles,
+                    check):
+        evals, structure = run_sequential(
+            model, guide, args, kwargs, self._make_plan, prog.structure, prog.U, noise,
+            seed, num_particles, check_values=check, detach_discrete=self.detach_discrete,
+            estimator_name=type(self).__name__, supports=self.supports,
+            dynamic=self.dynamic_structure,
+        )
+        self._structure = structure
+        self._plan = self._make_plan(structure.num_sites)
+        return evals
 
     def _get_trace(self, model, guide, args, kwargs):
         """
@@ -118,9 +262,10 @@ class SiteELBO(ELBO):
         evaluation dim at ``-(max_plate_nesting + 1)``.
         """
         self._setup(model, guide, args, kwargs)
+        prog = self._program
         with pyro.validation_enabled(False):
-            evals = run_vectorized(model, guide, args, kwargs, self._structure,
-                                   self._plan, self._user_plate_nesting, {},
+            evals = run_vectorized(model, guide, args, kwargs, prog.structure,
+                                   self._plan, prog.U, {},
                                    int(torch.randint(0, 2**62, ()).item()))
         return evals.model_trace, evals.guide_trace
 

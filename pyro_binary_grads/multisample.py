@@ -26,7 +26,10 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from . import estimators
 from .elbo import SiteELBO
-from .sites import GuideStructure, Plan, run_vectorized, score, subsample_scale, user_frames
+from .plans import Plan
+from .signals import score
+from .structure import GuideStructure, subsample_scale, user_frames
+from .vectorized import run_vectorized
 
 
 class SampleBound:
@@ -78,6 +81,8 @@ class SampleBound:
                     "Put the site inside those plates, or the latent sites outside."
                 )
             self.outside = self.outside + _sum_right(t0, U + 1)
+        if not torch.is_tensor(self.f):  # no sample site: f = 0 in every sample
+            self.f = torch.zeros((evals.num_evaluations,) + (1,) * U)
 
     def bound(self, f, U):
         """:math:`\\sum_n s_P \\log \\frac1K \\sum_k e^{f_{n,k}}` + outside terms,
@@ -181,7 +186,9 @@ class VIMCO(_MultiSampleELBO):
         surr = bound.mean()
         for info in structure.discrete.values():
             alpha, value = evals.discrete[info.name]
-            ci = c.reshape(c.shape + (1,) * info.alpha_event_dim)
+            present = evals.present.get(info.name)
+            ci = c if present is None else c * present
+            ci = ci.reshape(ci.shape + (1,) * info.alpha_event_dim)
             surr = surr + (alpha * (ci * score(info, alpha, value))).sum()
         return bound.mean(), surr
 
@@ -214,6 +221,8 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
         Estimator for Binary Latent Variables", NeurIPS 2020.
     """
 
+    dynamic_structure = False
+
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, num_pairs=1, vectorize=True, **kwargs):
         if num_pairs < 1:
@@ -223,7 +232,7 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
                          vectorize=vectorize, **kwargs)
 
     def plan(self, num_sites):
-        if num_sites != 1:
+        if num_sites > 1:
             names = list(self._structure.discrete)
             raise NotImplementedError(
                 f"LocalDisARM_IWAE is defined for one stochastic layer, but the guide "
@@ -240,6 +249,8 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
         num_particles = bound.numel()
         f_b, f_bt = f_b.detach(), f_bt.detach()
         L = torch.logsumexp(f_b, edim, keepdim=True) - math.log(f_b.shape[edim])
+        if not structure.discrete:  # nothing to estimate
+            return bound.mean(), bound.mean()
         L_k = replace_one(f_b, f_bt, edim)
         (info,) = structure.discrete.values()
         alpha, value = evals.discrete[info.name]

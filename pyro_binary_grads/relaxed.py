@@ -31,6 +31,7 @@ its control variate multiplies its own score only. A step costs
 :math:`1 + 2T` evaluations, run as one vectorized guide and model execution.
 """
 
+import copy
 import functools
 
 import torch
@@ -42,7 +43,16 @@ import pyro
 import pyro.poutine as poutine
 
 from .elbo import SiteELBO
-from .sites import Plan, check_one_hot, is_discrete_latent, learning_signal, score, total_elbo
+from .plans import Plan
+from .signals import learning_signal, score, total_elbo
+from .structure import check_one_hot, is_discrete_latent
+
+
+def _event_shape(info, alpha):
+    """A site's event shape, read off its logits."""
+    n = info.event_dim
+    return alpha.shape[alpha.dim() - info.alpha_event_dim : alpha.dim() - info.alpha_event_dim + n] \
+        if n else torch.Size()
 
 
 # ---------------------------------------------------------------------------
@@ -171,15 +181,21 @@ class REBAR_ELBO(SiteELBO):
     **Adapting** :math:`\\lambda` **and** :math:`\\eta` ([1] Sec. 3.3; RELAX eq. (6)):
     with ``adapt=True`` each discrete site has its own temperature
     :math:`\\lambda > 0` and scale :math:`\\eta \\in (0, 2)` (initialised at
-    ``temperature`` and ``eta``), declared as Pyro params
-    ``_bg_<site>_temperature`` and ``_bg_<site>_eta`` by :meth:`wrap_guide`,
-    and trained by the optimizer you pass to SVI on the single-sample variance
-    gradient :math:`\\nabla_{\\lambda,\\eta} \\overline{\\hat g_\\phi^2}` (the
-    mean square of the estimator's gradient over the guide's parameters,
-    by double backpropagation) instead of the ELBO gradient::
+    ``temperature`` and ``eta``), Pyro params ``_bg_<site>_temperature`` and
+    ``_bg_<site>_eta`` trained by the optimizer you pass to SVI on the
+    single-sample variance gradient :math:`\\nabla_{\\lambda,\\eta} \\overline{\\hat g_\\phi^2}`
+    (the mean square of the estimator's gradient over the guide's parameters,
+    by double backpropagation) instead of the ELBO gradient. They are created
+    inside ``loss_and_grads``, where ``SVI.step`` collects every
+    ``pyro.param``, so nothing else is needed::
 
-        elbo = REBAR_ELBO()
-        svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-3}), elbo)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), REBAR_ELBO())
+
+    ``elbo.wrap_guide(guide)`` (which declares them in the guide) keeps
+    working, e.g. for code shared with :mod:`numpyro_binary_grads`. NumPyro
+    keeps ``wrap_guide`` required: its ``SVI.init`` collects params from the
+    model and guide traces only, so a ``numpyro.param`` created inside the
+    loss would never be optimized.
 
     With ``adapt=False`` they stay fixed and no wrapping is needed
     (``REBAR_ELBO(temperature=0.1, adapt=False)`` is "REBAR (0.1)" of [1]).
@@ -205,6 +221,7 @@ class REBAR_ELBO(SiteELBO):
 
     supports = (Bernoulli, OneHotCategorical)
     detach_discrete = "hard"
+    dynamic_structure = False
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=0.5, eta=1.0, adapt=True,
@@ -220,7 +237,7 @@ class REBAR_ELBO(SiteELBO):
         self.eta = float(eta)
         self.adapt = adapt
         self._sites = None  # discrete site names and shapes, found by the wrapper
-        self._psi = None  # {site: (temperature, eta)} of the current step
+        self._psi = {}  # {site: (temperature, eta)} of the current step
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
 
@@ -237,8 +254,9 @@ class REBAR_ELBO(SiteELBO):
     def wrap_guide(self, guide):
         """
         Returns ``guide`` preceded by the declaration of this ELBO's adapted
-        parameters (``pyro.param`` sites named ``_bg_<site>_...``), so that SVI
-        optimizes them with everything else. Pass the wrapped guide to SVI.
+        parameters (``pyro.param`` sites named ``_bg_<site>_...``). Optional in
+        Pyro (the parameters are also created inside ``loss_and_grads``, where
+        ``SVI.step`` collects them); required in NumPyro.
         """
 
         @functools.wraps(guide)
@@ -266,44 +284,36 @@ class REBAR_ELBO(SiteELBO):
             self._declare_site(name, fn)
 
     def _declare_site(self, name, fn):
-        if self.adapt:
-            pyro.param(self.param_name(name, "temperature"),
-                       lambda: torch.tensor(self.temperature), constraint=constraints.positive)
-            pyro.param(self.param_name(name, "eta"), lambda: torch.tensor(self.eta),
-                       constraint=constraints.interval(0.0, 2.0))
+        self._site_psi(name, fn.event_shape)
+
+    def _site_psi(self, name, event_shape):
+        """This step's temperature and eta of site ``name`` (Pyro params,
+        created on first use, in the graph), or the fixed values."""
+        psi = self._psi.get(name)
+        if psi is None:
+            if self.adapt:
+                psi = (
+                    pyro.param(self.param_name(name, "temperature"),
+                               lambda: torch.tensor(self.temperature),
+                               constraint=constraints.positive),
+                    pyro.param(self.param_name(name, "eta"), lambda: torch.tensor(self.eta),
+                               constraint=constraints.interval(0.0, 2.0)),
+                )
+            else:
+                psi = (self.temperature, self.eta)
+            self._psi[name] = psi
+        return psi
 
     def _setup(self, model, guide, args, kwargs):
-        if self._structure is not None:
-            return
-        with poutine.block():
-            trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or not is_discrete_latent(site):
-                continue
-            check_one_hot(name, site["fn"], type(self).__name__,
-                          "evaluates the model at relaxed one-hot values",
-                          "RLOO_ELBO, DisARM_ELBO or VIMCO")
-            prefix = self.param_name(name, "")
-            if self.adapts and not any(n.startswith(prefix) for n in trace.nodes):
-                raise ValueError(
-                    f"{type(self).__name__} adapts parameters of guide site '{name}' "
-                    "on the variance gradient, but the guide does not declare them. "
-                    "Pass guide = elbo.wrap_guide(guide) to SVI (and to this ELBO), or "
-                    "use adapt=False."
-                )
-        super()._setup(model, guide, args, kwargs)
-
-    def _fetch_psi(self):
-        """This step's temperature and eta per site, as tensors in the graph."""
-        store = pyro.get_param_store()
-        psi = {}
-        for name in self._structure.discrete:
-            if self.adapt:
-                psi[name] = (store[self.param_name(name, "temperature")],
-                             store[self.param_name(name, "eta")])
-            else:
-                psi[name] = (self.temperature, self.eta)
-        return psi
+        if (model, guide) not in self._programs:
+            with poutine.block():
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and is_discrete_latent(site):
+                    check_one_hot(name, site["fn"], type(self).__name__,
+                                  "evaluates the model at relaxed one-hot values",
+                                  "RLOO_ELBO, DisARM_ELBO or VIMCO")
+        return super()._setup(model, guide, args, kwargs)
 
     # -- mechanism hooks ----------------------------------------------------
 
@@ -313,9 +323,7 @@ class REBAR_ELBO(SiteELBO):
         return plan
 
     def _site_value(self, info, u, alpha, hard, code):
-        if self._psi is None:
-            self._psi = self._fetch_psi()
-        lam = self._psi[info.name][0]
+        lam = self._site_psi(info.name, _event_shape(info, alpha))[0]
         if isinstance(code, int):
             if code == 0:
                 return hard
@@ -341,9 +349,9 @@ class REBAR_ELBO(SiteELBO):
         surr = value
         live = torch.is_grad_enabled() and self.adapts
         for info in structure.discrete.values():
-            lam, eta = self._psi[info.name]
             a, c = 2 * info.index + 1, 2 * info.index + 2
             alpha, v = evals.discrete[info.name]
+            lam, eta = self._site_psi(info.name, _event_shape(info, alpha))
             signal = learning_signal(evals, info, U)
             signal = signal.reshape(signal.shape + (1,) * info.event_dim)
             d = -(U + 1) - info.event_dim
@@ -375,12 +383,14 @@ class REBAR_ELBO(SiteELBO):
         return [t for pair in self._psi.values() for t in pair]
 
     def _value_and_surrogate(self, model, guide, args, kwargs):
-        self._setup(model, guide, args, kwargs)
-        self._psi = self._fetch_psi()
-        loss, surr = super()._value_and_surrogate(model, guide, args, kwargs)
-        psi = self.adapted_tensors()
-        if psi and torch.is_grad_enabled() and surr.requires_grad:
-            surr = surr + self._variance_term(surr, psi)
+        self._psi = {}
+        try:
+            loss, surr = super()._value_and_surrogate(model, guide, args, kwargs)
+            psi = self.adapted_tensors()
+            if psi and torch.is_grad_enabled() and surr.requires_grad:
+                surr = surr + self._variance_term(surr, psi)
+        finally:
+            self._psi = {}  # no graph kept between steps (deepcopy, pickle)
         return loss, surr
 
     def _variance_term(self, surr, psi):
@@ -453,11 +463,15 @@ class RELAX_ELBO(REBAR_ELBO):
     (one per discrete site) and, with ``adapt=True``, :math:`\\lambda` and
     :math:`\\eta` are trained on the single-sample variance gradient
     :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}` ([1] eq. (6)) by the
-    optimizer you pass to SVI; they are declared by :meth:`wrap_guide`, which
-    is required::
+    optimizer you pass to SVI. They are created inside ``loss_and_grads``
+    (``pyro.param`` and ``pyro.module`` named ``_bg_<site>_...``), where
+    ``SVI.step`` collects them, so no wrapping is needed::
 
-        elbo = RELAX_ELBO()
-        svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-3}), elbo)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), RELAX_ELBO())
+
+    ``elbo.wrap_guide(guide)`` keeps working. NumPyro keeps ``wrap_guide``
+    required (its ``SVI.init`` collects params from the model and guide
+    traces only).
 
     Everything else (conditional noise, per-layer scheme with
     :math:`1 + 2T` evaluations, plate-local signals, relaxed values in the
@@ -492,7 +506,7 @@ class RELAX_ELBO(REBAR_ELBO):
     def adapts(self):
         return True
 
-    def _net(self, name, fn):
+    def _net(self, name, event_shape):
         if name not in self._nets:
             user = self._user_nets
             if isinstance(user, dict):
@@ -505,28 +519,28 @@ class RELAX_ELBO(REBAR_ELBO):
             elif user is not None:
                 net = user
             else:
-                event_shape = fn.event_shape
                 size = int(torch.Size(event_shape).numel()) if event_shape else 1
                 net = ControlVariateNet(size, self.hidden_size, len(event_shape))
                 net = net.to(dtype=torch.get_default_dtype())
             self._nets[name] = net
         return self._nets[name]
 
-    def _declare_site(self, name, fn):
-        super()._declare_site(name, fn)
-        pyro.module(self.param_name(name, "control_variate"), self._net(name, fn))
+    def __getstate__(self):
+        state = super().__getstate__()
+        nets = copy.deepcopy(self._nets)
+        for net in nets.values():  # the param store's weak references do not pickle
+            for p in net.parameters():
+                p.__dict__.pop("unconstrained", None)
+        state["_nets"] = nets
+        return state
 
-    def _setup(self, model, guide, args, kwargs):
-        if self._structure is None and not hasattr(guide, "_bg_elbo"):
-            raise ValueError(
-                "RELAX_ELBO trains a control-variate network per discrete guide site, "
-                "declared by its wrapper: pass guide = elbo.wrap_guide(guide) to SVI "
-                "(and to this ELBO)."
-            )
-        super()._setup(model, guide, args, kwargs)
+    def _site_psi(self, name, event_shape):
+        psi = super()._site_psi(name, event_shape)
+        pyro.module(self.param_name(name, "control_variate"), self._net(name, event_shape))
+        return psi
 
     def adapted_tensors(self):
-        params = [p for net in self._nets.values() for p in net.parameters()]
+        params = [p for name in self._psi for p in self._nets[name].parameters()]
         return super().adapted_tensors() + params
 
     def control_variate(self, info, u, alpha, b, a, c):

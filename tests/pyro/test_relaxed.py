@@ -5,6 +5,9 @@ Bernoulli and one-hot sites, one and two layers; the variance gradient; errors;
 SVI with the wrapped guide.
 """
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -179,25 +182,22 @@ def test_integer_categorical_site_points_to_one_hot():
             elbo.loss(model, g)
 
 
-def test_adapting_without_the_wrapper_raises():
-    spec = specs.SPECS["scalar"]()
-    init_params(spec)
-    model, guide, args = spec.bind(specs.pyro_backend())
-    with pytest.raises(ValueError, match="wrap_guide"):
-        REBAR_ELBO().loss(model, guide, *args)
-    with pytest.raises(ValueError, match="wrap_guide"):
-        RELAX_ELBO(adapt=False).loss(model, guide, *args)
+def test_eta_outside_its_range_is_refused_when_adapted():
     with pytest.raises(ValueError, match="eta"):
         REBAR_ELBO(eta=2.5)
 
 
+@pytest.mark.parametrize("wrap", [True, False])
 @pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
-def test_svi_trains_the_adapted_parameters(cls):
+def test_svi_trains_the_adapted_parameters(cls, wrap):
+    """With or without wrap_guide: the parameters created inside
+    loss_and_grads are collected and trained by SVI.step."""
     spec = specs.SPECS["two_layer"]()
     init_params(spec)
     model, guide, args = spec.bind(specs.pyro_backend())
     elbo = cls(num_particles=4, vectorize_particles=True)
-    svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 0.01}), elbo)
+    svi = SVI(model, elbo.wrap_guide(guide) if wrap else guide,
+              pyro.optim.Adam({"lr": 0.01}), elbo)
     first = [svi.step(*args) for _ in range(20)]
     store = pyro.get_param_store()
     for site in ("b1", "b2"):
@@ -207,3 +207,23 @@ def test_svi_trains_the_adapted_parameters(cls):
         names = [n for n in store.keys() if n.startswith("_bg_b1_control_variate")]
         assert names and any(store[n].abs().sum() > 0 for n in names if "out" in n)
     assert np.isfinite(first).all()
+
+
+@pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
+def test_reuse_after_clearing_the_store_on_a_second_model_and_copies(cls):
+    """One instance after pyro.clear_param_store(), on a second model, and
+    deep-copied or pickled after a step."""
+    elbo = cls(num_particles=2, vectorize_particles=True)
+    for name in ("scalar", "two_layer"):
+        spec = specs.SPECS[name]()
+        init_params(spec)
+        model, guide, args = spec.bind(specs.pyro_backend())
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+        assert np.isfinite(svi.step(*args))
+        pyro.clear_param_store()
+        init_params(spec)
+        assert np.isfinite(svi.step(*args))
+    copied = copy.deepcopy(elbo)
+    assert np.isfinite(copied.loss(model, guide, *args))
+    unpickled = pickle.loads(pickle.dumps(elbo))
+    assert np.isfinite(unpickled.loss(model, guide, *args))
