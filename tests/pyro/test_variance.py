@@ -33,12 +33,14 @@ def local_sbn(N, global_latent=False):
 
     def model():
         W = pyro.param("W", W0)
-        with pyro.plate("data", N, dim=-1):
+        data = pyro.plate("data", N, dim=-1)
+        with data:
             b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(D)).to_event(1))
-            loc = b @ W
-            if global_latent:
-                z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0))
-                loc = loc + z[..., None]
+        loc = b @ W
+        if global_latent:  # outside the plate, as in the guide
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0))
+            loc = loc + z[..., None]
+        with data:
             pyro.sample("x", dist.Bernoulli(logits=loc).to_event(1), obs=x)
 
     def guide():
