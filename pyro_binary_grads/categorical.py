@@ -25,7 +25,8 @@ float tensor (e.g. use it in a matrix product) for :math:`g_D` to exist.
 
 Notation (``ESTIMATORS.md`` section 0): :math:`\\pi = \\mathrm{softmax}(\\alpha)`,
 :math:`J(p) = \\mathrm{diag}(p) - p p^\\top` (the Jacobian of softmax at
-output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7.
+output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7, except
+ReinMax-CV, which follows its authors' code (``docs/estimators/reinmax_cv.rst``).
 """
 
 import math
