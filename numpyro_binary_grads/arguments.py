@@ -37,6 +37,9 @@ def check_bool(owner, name, value):
     """``value`` as a bool; a string such as ``"no"`` (truthy) raises."""
     if isinstance(value, bool):
         return value
+    if getattr(value, "shape", None) == () and getattr(getattr(value, "dtype", None), "kind",
+                                                       None) == "b":
+        return bool(value)  # a NumPy / JAX bool scalar
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{owner} needs {name}=True or False, got {value!r} ({type(value).__name__}).")
