@@ -106,6 +106,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "out" / "disarm_reference")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", default="jax", help="ignored (for reproduce.py)")
+    p.add_argument("--overwrite", action="store_true", help="ignored (for reproduce.py)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     train = load_mnist(args.data, "dynamic", "train")
