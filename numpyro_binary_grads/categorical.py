@@ -548,15 +548,15 @@ class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
     two small models with :math:`f` quadratic in :math:`D` (where ReinMax is
     exact) at :math:`\\eta = 1.5`, :math:`K = 10`: 1.05x and 1.10x ReinMax's
     variance plus a squared bias, so no gain there; on the 8x4 categorical
-    VAE (exact gradient enumerated) 0.84 +- 0.06x (eta 1.5) and 0.91 +- 0.07x
-    (eta 1) of ReinMax's variance, ReinMax-Rao 0.52x. Derivation and tables:
+    VAE (exact gradient enumerated) 0.83 +- 0.04x (eta 1.5) and 0.90 +- 0.05x
+    (eta 1) of ReinMax's variance, ReinMax-Rao 0.50x. Derivation and tables:
     the docs page ``estimators/reinmax_cv``.
 
     ``form="fresh"`` is *our* earlier reading, not the authors' (formerly the
     default): the Gumbel-softmax term at
     :math:`\\tfrac1\\tau J(\\mathrm{softmax}((\\theta_D + G')/\\tau))` with a fresh
     unconditional Gumbel vector :math:`G'`. Its correction is mostly noise
-    (1.46 +- 0.17x ReinMax's variance on the 8x4 categorical VAE at eta 1.5,
+    (1.19 +- 0.06x ReinMax's variance on the 8x4 categorical VAE at eta 1.5,
     K = 10), and training with it degraded after about 25,000 steps at the full
     budget; kept only to compare with.
 
