@@ -12,6 +12,7 @@ depend on the values drawn, on the sequential path, with one warning that
 says how to get the fast path.
 """
 
+import math
 import numbers
 import warnings
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from pyro.util import check_model_guide_match, warn_if_nan
 
 from . import estimators
 from .broadcast import check_broadcasting
+from .noise import check_logits
 from .plans import Plan
 from .sequential import run_sequential
 from .signals import pair_surrogate, score_surrogate, total_elbo
@@ -90,6 +92,7 @@ class SiteELBO(ELBO):
         self._plan = None
         self._plans = {}
         self._noise = None  # test hook: {site name: uniforms} for the next draw
+        self._last_evals = None
 
     def plan(self, num_sites):
         raise NotImplementedError
@@ -100,7 +103,7 @@ class SiteELBO(ELBO):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.update(_programs=OrderedDict(), _program=None, _structure=None, _plan=None,
-                     _plans={})
+                     _plans={}, _last_evals=None)
         return state
 
     # -- structure --------------------------------------------------------
@@ -205,7 +208,7 @@ class SiteELBO(ELBO):
             "instead of torch.mm(b, W)), and draw a discrete site in a guide "
             "whose sites do not depend on drawn values (no if b.item() == 1:). Pass "
             "vectorize=False to choose the sequential path without this warning.",
-            RuntimeWarning,
+            UserWarning,
             stacklevel=4,
         )
 
@@ -217,6 +220,7 @@ class SiteELBO(ELBO):
         check = is_validation_enabled()
         noise = {} if self._noise is None else dict(self._noise)
         seed = int(torch.randint(0, 2**62, ()))
+        evals = None
         with pyro.validation_enabled(False):
             for _ in range(3):
                 if not self._vectorized(prog, model, guide, args, kwargs, num_particles, seed):
@@ -238,10 +242,13 @@ class SiteELBO(ELBO):
                                              seed, num_particles, check)
                     prog.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     self._warn_sequential(None, "it fails when run vectorized: " + prog.failed)
-                    return self.value_and_surrogate(evals, self._structure, prog.U)
-                return self.value_and_surrogate(evals, prog.structure, prog.U)
-            evals = self._sequential(prog, model, guide, args, kwargs, noise, seed,
-                                     num_particles, check)
+                    break
+                else:
+                    break
+            if evals is None:
+                evals = self._sequential(prog, model, guide, args, kwargs, noise, seed,
+                                         num_particles, check)
+        self._last_evals = evals
         return self.value_and_surrogate(evals, self._structure, prog.U)
 
     def _sequential(self, prog, model, guide, args, kwargs, noise, seed, num_particles,
@@ -297,8 +304,20 @@ class SiteELBO(ELBO):
         with torch.no_grad():
             loss, _ = self._value_and_surrogate(model, guide, args, kwargs)
         loss = torch.as_tensor(loss).item()
+        self._check_finite(loss)
         warn_if_nan(loss, "loss")
         return loss
+
+    def _check_finite(self, loss):
+        """A NaN loss with NaN or infinite logits at a discrete guide site
+        raises naming the site, whatever the validation setting (the check
+        costs nothing while the loss is finite)."""
+        evals, self._last_evals = self._last_evals, None
+        if math.isfinite(loss) or evals is None:
+            return
+        for name, (alpha, _) in evals.discrete.items():
+            if not torch.isfinite(alpha.detach()).all():
+                check_logits(name, alpha.detach())
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """
@@ -317,9 +336,10 @@ class SiteELBO(ELBO):
         :rtype: float
         """
         loss, surr = self._value_and_surrogate(model, guide, args, kwargs)
+        loss = loss.item()
+        self._check_finite(loss)
         if surr.requires_grad:
             surr.backward(retain_graph=self.retain_graph)
-        loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
 

@@ -118,7 +118,7 @@ def test_model_that_does_not_broadcast_over_evaluations_runs_sequentially(Elbo, 
     elbo = Elbo()
     with pyro.validation_enabled(validation):
         pyro.set_rng_seed(5)
-        with pytest.warns(RuntimeWarning, match="'x'.*does not broadcast.*sequentially"):
+        with pytest.warns(UserWarning, match="'x'.*does not broadcast.*sequentially"):
             loss = elbo.differentiable_loss(model, guide)
         pyro.set_rng_seed(5)
         expected = Elbo(vectorize=False).differentiable_loss(model, guide)
@@ -210,3 +210,16 @@ def test_svi_step_runs(Elbo):
         warnings.simplefilter("error")
         losses = [svi.step() for _ in range(3)]
     assert all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_nan_logits_are_named_whatever_the_validation_setting(validation, vectorize):
+    model, guide = _sbn(reduce_over_leading=False)
+    elbo = DisARM_ELBO(vectorize=vectorize)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), elbo)
+    svi.step()
+    pyro.get_param_store()["v"].data.fill_(math.nan)
+    with pyro.validation_enabled(validation):
+        with pytest.raises(ValueError, match="'b'.*NaN or infinite logits"):
+            svi.step()
