@@ -233,7 +233,11 @@ def test_exact_closed_form_against_finite_differences():
 MODERATE = np.array([0.5, -1.2, 2.0, -0.3, 1.0, -2.0])
 
 
-@pytest.mark.parametrize("label,make,_", ESTIMATORS, ids=IDS)
+# NumPyro's losses are pure functions of the key: one class per kind of plan
+# (pairs, independent samples, relaxed) keeps this cheap (a compile per run)
+@pytest.mark.parametrize("label,make,_", [e for e in ESTIMATORS if e[0] in
+                                          ("DisARM", "VIMCO", "REBAR")],
+                         ids=["DisARM", "VIMCO", "REBAR"])
 def test_numpyro_identical_keys_identical_results(label, make, _):
     loss1, g1 = numpyro_draws(make(), jnp.float64, MODERATE, num_keys=8, seed=3)
     loss2, g2 = numpyro_draws(make(), jnp.float64, MODERATE, num_keys=8, seed=3)
