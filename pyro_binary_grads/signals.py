@@ -14,6 +14,9 @@ a presence mask; their score terms count where they ran only.
 import torch
 import torch.nn.functional as F
 
+from .structure import subsample_scale
+
+
 def learning_signal(evals, info, U):
     """
     The learning signal of discrete site ``info`` on every evaluation: the sum

@@ -448,3 +448,28 @@ def test_num_particles_is_validated(bad):
     for Elbo in (DisARM_ELBO, RLOO_ELBO, VIMCO, bg.REBAR_ELBO, bg.ST_ELBO):
         with pytest.raises(ValueError, match="num_particles"):
             Elbo(num_particles=bad)
+
+
+def test_subsampled_plate_with_a_global_term_is_unbiased():
+    """The learning signal of a site in a subsampled plate scales the terms
+    outside the plate by the plate's subsample scale (the code path of
+    Pyro's test_nested_plate_plate_subsample_param_ok)."""
+
+    def guide(idx):
+        a = pyro.param("q_a", torch.tensor([0.05, -0.08, 0.1]))
+        with pyro.plate("data", 3, subsample=idx):
+            pyro.sample("b", dist.Bernoulli(logits=a[idx]))
+
+    def model(idx):
+        p = pyro.param("p_p", torch.tensor(0.2))
+        mu = pyro.param("p_mu", torch.tensor(0.9))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=torch.tensor(0.4))  # a global term
+        with pyro.plate("data", 3, subsample=idx):
+            b = pyro.sample("b", dist.Bernoulli(logits=p))
+            pyro.sample("x", dist.Normal(mu * b, 1.0), obs=X3[idx])
+
+    names, exact = exact_of(model, guide, lambda: exact_elbo(model, guide, torch.arange(3)))
+    elbo = DisARM_ELBO(num_particles=500, vectorize_particles=True)
+    rows = [flat_grads(elbo.differentiable_loss(model, guide, SUBSETS[c % 3]), names)
+            for c in range(90)]
+    check(stats.batch_means(np.stack(rows), 30), exact, "subsampled plate, global term")
