@@ -24,7 +24,8 @@ import pyro
 import pyro.poutine as poutine
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.util import check_model_guide_match, warn_if_nan
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from . import estimators
 from .broadcast import check_broadcasting
@@ -146,6 +147,12 @@ class SiteELBO(ELBO):
             if not (warn and is_validation_enabled()):
                 warnings.simplefilter("ignore")
             check_model_guide_match(model_trace, guide_trace, U + (P is not None))
+        if is_validation_enabled():  # Pyro's log-prob shape check, as Trace_ELBO's
+            for trace in (model_trace, guide_trace):
+                trace.compute_log_prob()
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and not site_is_subsample(site):
+                        check_site_shape(site, U + (P is not None))
         return U, structure
 
     def _setup(self, model, guide, args, kwargs):
