@@ -107,7 +107,8 @@ def stick_breaking_value(u, alpha, flip):
     beta = stick_breaking_logits(jnp.take_along_axis(alpha, order, -1))
     logit_u = jnp.log(u[..., :-1]) - jnp.log1p(-u[..., :-1])
     logit_u = jnp.where(jnp.asarray(flip)[..., None], -logit_u, logit_u)
-    stop = jnp.concatenate([logit_u < beta, jnp.ones_like(beta[..., :1], dtype=bool)], -1)
+    below = logit_u < beta  # (..., K-1); the last class stops the stick (K = 1: it alone)
+    stop = jnp.concatenate([below, jnp.ones(below.shape[:-1] + (1,), bool)], -1)
     position = jnp.argmax(stop, -1, keepdims=True)  # the first True
     return jnp.take_along_axis(order, position, -1)[..., 0]
 

@@ -27,13 +27,18 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
+from binary_grads_common.arguments import check_bool
+from pyro.poutine.messenger import Messenger
+
 from . import estimators
+
 from .broadcast import check_broadcasting
 from .noise import check_logits
 from .plans import Plan
 from .sequential import run_sequential
 from .signals import pair_surrogate, score_surrogate, total_elbo
-from .structure import PARTICLE_PLATE, GuideStructure, StructureChanged, guess_plate_nesting
+from .structure import (PARTICLE_PLATE, GuideStructure, StructureChanged, guess_plate_nesting,
+                        is_discrete_latent, site_logits)
 from .vectorized import run_vectorized
 
 _MAX_PROGRAMS = 8
@@ -47,6 +52,31 @@ class _Program:
         self.structure = structure
         self.verdicts = {}  # (signature, particles) -> None (broadcasts) or (site, why)
         self.failed = None  # why the vectorized path failed on a later step
+
+
+class _LogitsCheck(Messenger):
+    """Checks the logits of each discrete guide site before it is sampled."""
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and is_discrete_latent(msg):
+            alpha = site_logits(msg["fn"])
+            if alpha is not None:
+                check_logits(msg["name"], alpha.detach())
+
+
+def _name_bad_logits(guide, args, kwargs, err):
+    """After the guide failed with ``err`` (torch's "Expected parameter logits ..."
+    with validation on, "Expected p_in >= 0" from the sampler with it off): rerun
+    it with validation off, checking each discrete site's logits, and raise the
+    error that names the site with NaN or infinite logits, if one has them."""
+    try:
+        with pyro.validation_enabled(False), poutine.block(), _LogitsCheck():
+            poutine.trace(guide).get_trace(*args, **kwargs)
+    except ValueError as named:
+        if "NaN or infinite logits" in str(named):
+            raise named from err
+    except Exception:  # noqa: BLE001 -- the original error is the one to show
+        pass
 
 
 class SiteELBO(ELBO):
@@ -79,6 +109,9 @@ class SiteELBO(ELBO):
                 f"{type(self).__name__} needs num_particles to be a positive integer, "
                 f"got num_particles={num_particles!r}."
             )
+        owner = type(self).__name__
+        vectorize_particles = check_bool(owner, "vectorize_particles", vectorize_particles)
+        vectorize = check_bool(owner, "vectorize", vectorize)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -135,7 +168,11 @@ class SiteELBO(ELBO):
         # a discovery (or a check) leaves the global RNG as it was: draws do not
         # depend on whether an instance has seen this (model, guide) before
         with poutine.block(), torch.random.fork_rng():
-            guide_trace = poutine.trace(g).get_trace(*args, **kwargs)
+            try:
+                guide_trace = poutine.trace(g).get_trace(*args, **kwargs)
+            except (ValueError, RuntimeError) as err:
+                _name_bad_logits(g, args, kwargs, err)
+                raise
             model_trace = poutine.trace(poutine.replay(m, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )

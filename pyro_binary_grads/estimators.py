@@ -113,7 +113,8 @@ def stick_breaking_value(u, alpha, flip):
     beta = stick_breaking_logits(alpha.gather(-1, order))
     logit_u = torch.log(u[..., :-1]) - torch.log1p(-u[..., :-1])
     logit_u = torch.where(torch.as_tensor(flip, device=u.device), -logit_u, logit_u)
-    stop = torch.cat([logit_u < beta, torch.ones_like(beta[..., :1], dtype=torch.bool)], -1)
+    below = logit_u < beta  # (..., K-1); the last class stops the stick (K = 1: it alone)
+    stop = torch.cat([below, below.new_ones(below.shape[:-1] + (1,))], -1)
     position = stop.to(torch.int8).argmax(-1, keepdim=True)
     return order.gather(-1, position).squeeze(-1)
 
@@ -137,6 +138,9 @@ def coupled_categorical(f, f_tilde, D, D_tilde, alpha):
     zero when :math:`z = \\tilde z`. For :math:`K = 2` it is :func:`disarm`.
     ``D``, ``D_tilde``: one-hot values (class dim last).
     """
+    if alpha.shape[-1] < 2:  # a one-class site is a constant: its gradient is zero
+        return torch.zeros(torch.broadcast_shapes(torch.as_tensor(f).shape, D.shape, D_tilde.shape),
+                           dtype=alpha.dtype, device=alpha.device)
     order = stick_breaking_order(alpha)
     beta = stick_breaking_logits(alpha.gather(-1, order))
     p = torch.sigmoid(beta)

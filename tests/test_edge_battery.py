@@ -326,14 +326,12 @@ def test_pyro_bad_num_particles(cls, value):
         cls(num_particles=value)
 
 
-@pytest.mark.xfail(strict=True, reason="Pyro: string flags are not checked yet (issue 17)")
 @pytest.mark.parametrize("arg", ["vectorize", "vectorize_particles"])
 def test_pyro_bad_string_flags(arg):
     with pytest.raises(ValueError, match=f"DisARM_ELBO needs {arg}=True or False.*'yes'"):
         pbg.DisARM_ELBO(**{arg: "yes"})
 
 
-@pytest.mark.xfail(strict=True, reason="Pyro: degenerate REBAR settings accepted (issue 17)")
 @pytest.mark.parametrize("kwargs", [dict(temperature=1e-8, adapt=False),
                                     dict(eta=float("nan"), adapt=False),
                                     dict(adapt="no")], ids=["temperature", "eta", "adapt"])
@@ -364,7 +362,6 @@ def test_pyro_rebar_reuse_after_clear_and_on_a_second_model():
         assert math.isfinite(svi.step())
 
 
-@pytest.mark.xfail(strict=True, reason="Pyro REBAR cannot be deep-copied after a step (issue 17)")
 def test_pyro_rebar_deepcopy_after_a_step():
     pyro.clear_param_store()
     elbo = pbg.REBAR_ELBO()
@@ -374,7 +371,6 @@ def test_pyro_rebar_deepcopy_after_a_step():
     copy.deepcopy(elbo)
 
 
-@pytest.mark.xfail(strict=True, reason="Pyro: NaN logits not named (issue 17)")
 @pytest.mark.parametrize("validate", [True, False], ids=["validation", "no-validation"])
 def test_pyro_nan_logits_name_the_site(validate):
     pyro.clear_param_store()

@@ -752,10 +752,6 @@ def test_particles_and_svi_under_jit():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "categorical DisARM crashes on a one-class site inside "
-    "numpyro_binary_grads/estimators.py (stick_breaking_value: the 'stop' column is built "
-    "from beta[..., :1], empty for K = 1); the fix is in the issue-16 helper's report"))
 @pytest.mark.parametrize("one_hot", [True, False], ids=["OneHotCategorical", "Categorical"])
 def test_disarm_one_class_site_is_a_constant(one_hot):
     """A one-class (OneHot)Categorical site has one value: DisARM_ELBO's loss

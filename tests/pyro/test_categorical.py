@@ -594,7 +594,6 @@ ONE_CLASS_FIX = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=ONE_CLASS_FIX)
 @pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
 @pytest.mark.parametrize("one_hot", [True, False], ids=["OneHotCategorical", "Categorical"])
 def test_disarm_one_class_site_is_a_constant(one_hot, validate):
