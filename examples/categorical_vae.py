@@ -12,7 +12,7 @@ ReinMax, ReinMax-Rao, ReinMax-CV (as its authors ran it; ``--cv-form fresh`` for
 our earlier form, to compare), RLOO and TraceGraph.
 
 By default (lr, temperature, optimizer) follow the papers' tuned values for the
-chosen size (``../shared/REFERENCE_RESULTS.md``; ReinMax-CV: the author's released
+chosen size (the docs' Reference setups page, ``docs/reference_setups.rst``; ReinMax-CV: the author's released
 configuration; ReinMax-Rao: ReinMax-CV's, our choice; RLOO: lr 5e-4 with the
 size's optimizer, our choice); ``--lr``, ``--temperature`` and ``--optim`` override.
 The paper budget is 160 epochs = 96000 steps (``--num-steps 96000``).
@@ -153,6 +153,7 @@ def output_name(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.set_threads(args)
     name = output_name(args)
     if hasattr(common, "check_outputs"):
         common.check_outputs(args, name)  # before training: no silent overwrite
@@ -199,6 +200,7 @@ def main(argv=None):
         f"Categorical VAE {args.latent} (C x L), {args.estimator} [{args.backend}], "
         f"{args.optim} lr {args.lr:g}{temp}",
         f"test {K}-sample bound ({len(x_eval)} examples)",
+        final=(final, len(x_test)),
     )
     steps = len(history)
     epoch = -(-len(train_set) // args.batch_size)
@@ -223,6 +225,7 @@ def main(argv=None):
         "final_eval_s": final_eval_s, "wall_time_s": time.perf_counter() - t0,
         "plot": str(plot),
     }
+    common.print_summary(result)
     return common.finish(args, name, result, history, tests)
 
 
