@@ -107,6 +107,8 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", default="jax", help="ignored (for reproduce.py)")
     p.add_argument("--overwrite", action="store_true", help="ignored (for reproduce.py)")
+    p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS,
+                   help="intra-op threads (read before jax is imported; 0: XLA's choice)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     train = load_mnist(args.data, "dynamic", "train")

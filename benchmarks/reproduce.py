@@ -162,7 +162,7 @@ def run_one(cfg, seed, budget, backend, results, out_root):
     """Run one configuration and seed; write and return its record."""
     out_dir = out_root / budget / backend / f"{cfg.name}_s{seed}"
     cmd = [sys.executable, str(ROOT / cfg.script), *cfg.args, "--seed", str(seed),
-           "--backend", backend, "--no-progress", "--out", str(out_dir), "--overwrite"]
+           "--backend", backend, "--no-progress", "--out", str(out_dir), "--overwrite", "--threads", "1"]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -185,9 +185,11 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--out", type=Path, default=Path("out/air"))
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default 0: torch's choice)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     data, _ = multi_digit_data(args.num_images)
     report = {}

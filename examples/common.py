@@ -3,7 +3,7 @@ Helpers shared by the examples (``sbn.py``, ``structured_prediction.py``,
 ``categorical_vae.py``, ``gradient_variance.py``) and ``benchmarks/reproduce.py``:
 
 * :func:`limit_threads` (call before importing torch / jax: ``--threads``
-  intra-op threads, one by default; see :data:`DEFAULT_THREADS`),
+  intra-op threads, the libraries' choice by default; see :data:`DEFAULT_THREADS`),
 * a tiny backend layer (:func:`get_backend`) so that one model / guide
   definition runs under Pyro and NumPyro: ``bk.sample``, ``bk.param``,
   ``bk.plate(x, idx, num_data)``, ``bk.dist``, ``bk.ops`` (activations,
@@ -38,13 +38,12 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(ROOT))
 
 
-#: the default of ``--threads``: one intra-op thread. Small-batch steps are
-#: latency-bound; on a busy or shared machine (or with several runs at once, as
-#: ``benchmarks/reproduce.py --jobs 2`` does) torch's default of one thread per
-#: core made Pyro steps about 10x slower (262.7 vs 25.5 ms/step measured on a busy
-#: 2-core machine). ``--threads 0`` leaves the choice to torch / XLA (all cores),
-#: which can pay off for large batches on an otherwise idle machine.
-DEFAULT_THREADS = 1
+#: the default of ``--threads``: 0, what torch / XLA pick (one thread per core).
+#: Small-batch steps are latency-bound: on a busy or shared machine, or with
+#: several runs at once (``benchmarks/reproduce.py --jobs 2`` passes ``--threads
+#: 1``), pass ``--threads 1``: torch's one thread per core made Pyro steps about
+#: 10x slower there (262.7 vs 25.5 ms/step measured on a busy 2-core machine).
+DEFAULT_THREADS = 0
 
 
 def threads_from_argv(argv=None, default=DEFAULT_THREADS):
@@ -574,9 +573,9 @@ def add_common_args(p, default_out, estimators, default_estimator):
                    help="replace the plot and JSON of an earlier run with the same name "
                         "(without it the run refuses to start)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="intra-op threads of torch / XLA (default %(default)s: fastest for "
-                        "small batches and on a busy or shared machine; 0: the library's "
-                        "choice, one per core)")
+                   help="intra-op threads of torch / XLA (default %(default)s: the library's "
+                        "choice, one per core; 1 is fastest for small batches on a busy or "
+                        "shared machine or with several runs at once)")
     return p
 
 

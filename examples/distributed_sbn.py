@@ -54,7 +54,7 @@ def _preparse(argv):
     """``--host-devices`` and ``--threads`` must act before jax / torch are imported."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--host-devices", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)  # one per rank, as torchrun's OMP default
     return p.parse_known_args(argv)[0]
 
 

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
+from binary_grads_common.arguments import check_count, check_finite
+
 from .elbo import SiteELBO
 from .sites import Plan, check_one_hot, total_elbo
 
@@ -171,11 +173,9 @@ class _StraightThroughELBO(SiteELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
                  vectorize=True):
-        if not temperature > 0:
-            raise ValueError(
-                f"{type(self).__name__} needs temperature > 0, got {temperature}."
-            )
-        self.temperature = float(temperature)
+        temperature = check_finite(type(self).__name__, "temperature", temperature, low=0.0,
+                                   low_open=True)
+        self.temperature = temperature
         super().__init__(num_particles, vectorize_particles, vectorize=vectorize)
         #: test hook: {site name: uniforms of shape (K, *alpha.shape)} for the
         #: extra (conditional / unconditional) Gumbel draws, used by every draw
@@ -371,9 +371,7 @@ class GumbelRao_ELBO(_StraightThroughELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
                  num_samples=10, vectorize=True):
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"GumbelRao_ELBO needs num_samples >= 1, got {num_samples}.")
-        self.num_samples = int(num_samples)
+        self.num_samples = check_count("GumbelRao_ELBO", "num_samples", num_samples)
         super().__init__(num_particles, vectorize_particles, temperature=temperature,
                          vectorize=vectorize)
 
@@ -419,11 +417,8 @@ class ReinMax_ELBO(_StraightThroughELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
                  vectorize=True):
-        if not temperature >= 1:
-            raise ValueError(
-                f"ReinMax_ELBO needs temperature >= 1 (as the authors' code), got "
-                f"{temperature}."
-            )
+        temperature = check_finite("ReinMax_ELBO", "temperature", temperature, low=1.0,
+                                   hint="ReinMax needs temperature >= 1, as the authors' code.")
         super().__init__(num_particles, vectorize_particles, temperature=temperature,
                          vectorize=vectorize)
 
@@ -467,11 +462,7 @@ class ReinMaxRao_ELBO(_StraightThroughELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
                  num_samples=10, vectorize=True):
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(
-                f"{type(self).__name__} needs num_samples >= 1, got {num_samples}."
-            )
-        self.num_samples = int(num_samples)
+        self.num_samples = check_count(type(self).__name__, "num_samples", num_samples)
         super().__init__(num_particles, vectorize_particles, temperature=temperature,
                          vectorize=vectorize)
 
@@ -581,8 +572,7 @@ class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
 
     def __init__(self, num_particles=1, vectorize_particles=True, *, temperature=1.0,
                  eta=1.0, num_samples=100, form="authors", vectorize=True):
-        if not math.isfinite(eta):
-            raise ValueError(f"ReinMaxCV_ELBO needs a finite eta, got {eta}.")
+        eta = check_finite("ReinMaxCV_ELBO", "eta", eta)
         if form not in CV_FORMS:
             raise ValueError(
                 f"ReinMaxCV_ELBO: form must be one of {CV_FORMS} ('authors': the estimator "

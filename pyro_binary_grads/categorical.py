@@ -36,6 +36,8 @@ from torch.distributions import Bernoulli, OneHotCategorical
 
 import pyro.poutine as poutine
 
+from binary_grads_common.arguments import check_count, check_finite
+
 from .elbo import SiteELBO
 from .sites import Plan, check_one_hot, is_discrete_latent, total_elbo
 
@@ -139,11 +141,9 @@ class _StraightThroughELBO(SiteELBO):
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=1.0, vectorize=True, **kwargs):
-        if not temperature > 0:
-            raise ValueError(
-                f"{type(self).__name__} needs temperature > 0, got {temperature}."
-            )
-        self.temperature = float(temperature)
+        temperature = check_finite(type(self).__name__, "temperature", temperature, low=0.0,
+                                   low_open=True)
+        self.temperature = temperature
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
         #: test hook: {site name: uniforms of shape (K, *alpha.shape)} for the
@@ -322,9 +322,7 @@ class GumbelRao_ELBO(_StraightThroughELBO):
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=1.0, num_samples=10,
                  vectorize=True, **kwargs):
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"GumbelRao_ELBO needs num_samples >= 1, got {num_samples}.")
-        self.num_samples = int(num_samples)
+        self.num_samples = check_count("GumbelRao_ELBO", "num_samples", num_samples)
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          temperature=temperature, vectorize=vectorize, **kwargs)
 
@@ -370,11 +368,8 @@ class ReinMax_ELBO(_StraightThroughELBO):
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=1.0, vectorize=True, **kwargs):
-        if not temperature >= 1:
-            raise ValueError(
-                f"ReinMax_ELBO needs temperature >= 1 (as the authors' code), got "
-                f"{temperature}."
-            )
+        temperature = check_finite("ReinMax_ELBO", "temperature", temperature, low=1.0,
+                                   hint="ReinMax needs temperature >= 1, as the authors' code.")
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          temperature=temperature, vectorize=vectorize, **kwargs)
 
@@ -419,11 +414,7 @@ class ReinMaxRao_ELBO(_StraightThroughELBO):
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=1.0, num_samples=10,
                  vectorize=True, **kwargs):
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(
-                f"{type(self).__name__} needs num_samples >= 1, got {num_samples}."
-            )
-        self.num_samples = int(num_samples)
+        self.num_samples = check_count(type(self).__name__, "num_samples", num_samples)
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          temperature=temperature, vectorize=vectorize, **kwargs)
 
@@ -535,8 +526,7 @@ class ReinMaxCV_ELBO(ReinMaxRao_ELBO):
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, temperature=1.0, eta=1.0, num_samples=100,
                  form="authors", vectorize=True, **kwargs):
-        if not math.isfinite(eta):
-            raise ValueError(f"ReinMaxCV_ELBO needs a finite eta, got {eta}.")
+        eta = check_finite("ReinMaxCV_ELBO", "eta", eta)
         if form not in CV_FORMS:
             raise ValueError(
                 f"ReinMaxCV_ELBO: form must be one of {CV_FORMS} ('authors': the estimator "

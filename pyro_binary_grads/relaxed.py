@@ -66,6 +66,17 @@ from .structure import check_one_hot, is_discrete_latent
 TEMPERATURE_MIN = 1e-2
 
 
+def _like(fn):
+    """``(dtype, device)`` of a discrete site's logits (or probs)."""
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    t = base.logits if "logits" in base.__dict__ else getattr(base, "probs", None)
+    if t is None:
+        t = base.logits
+    return (t.dtype, t.device)
+
+
 def _event_shape(info, alpha):
     """A site's event shape, read off its logits."""
     n = info.event_dim
@@ -300,7 +311,8 @@ class REBAR_ELBO(SiteELBO):
             with poutine.block():
                 trace = poutine.trace(guide).get_trace(*args, **kwargs)
             self._sites[guide] = [
-                (name, tuple(site["fn"].event_shape)) for name, site in trace.nodes.items()
+                (name, tuple(site["fn"].event_shape), _like(site["fn"]))
+                for name, site in trace.nodes.items()
                 if site["type"] == "sample" and is_discrete_latent(site)
             ]
         return self._sites[guide]
@@ -308,8 +320,8 @@ class REBAR_ELBO(SiteELBO):
     def _declare(self, guide, args, kwargs):
         if not self.adapts:
             return
-        for name, event_shape in self._find_sites(guide, args, kwargs):
-            self._site_psi(name, torch.Size(event_shape))
+        for name, event_shape, like in self._find_sites(guide, args, kwargs):
+            self._site_psi(name, torch.Size(event_shape), like)
 
     def __getstate__(self):
         # this step's params (non-leaf tensors) and traced sites do not copy or pickle
@@ -317,17 +329,19 @@ class REBAR_ELBO(SiteELBO):
         state.update(_psi={}, _sites={})
         return state
 
-    def _site_psi(self, name, event_shape):
+    def _site_psi(self, name, event_shape, like=None):
         """This step's temperature and eta of site ``name`` (Pyro params,
-        created on first use, in the graph), or the fixed values."""
+        created on first use, in the graph, on the device and dtype of ``like``
+        = ``(dtype, device)`` of the site's logits), or the fixed values."""
+        kw = {} if like is None else dict(dtype=like[0], device=like[1])
         psi = self._psi.get(name)
         if psi is None:
             if self.adapt:
                 psi = (
                     pyro.param(self.param_name(name, "temperature"),
-                               lambda: torch.tensor(self.temperature),
+                               lambda: torch.tensor(self.temperature, **kw),
                                constraint=constraints.greater_than(TEMPERATURE_MIN)),
-                    pyro.param(self.param_name(name, "eta"), lambda: torch.tensor(self.eta),
+                    pyro.param(self.param_name(name, "eta"), lambda: torch.tensor(self.eta, **kw),
                                constraint=constraints.interval(0.0, 2.0)),
                 )
             else:
@@ -354,7 +368,7 @@ class REBAR_ELBO(SiteELBO):
         return plan
 
     def _site_value(self, info, u, alpha, hard, code):
-        lam = self._site_psi(info.name, _event_shape(info, alpha))[0]
+        lam = self._site_psi(info.name, _event_shape(info, alpha), (alpha.dtype, alpha.device))[0]
         if isinstance(code, int):
             if code == 0:
                 return hard
@@ -382,7 +396,8 @@ class REBAR_ELBO(SiteELBO):
         for info in structure.discrete.values():
             a, c = 2 * info.index + 1, 2 * info.index + 2
             alpha, v = evals.discrete[info.name]
-            lam, eta = self._site_psi(info.name, _event_shape(info, alpha))
+            lam, eta = self._site_psi(info.name, _event_shape(info, alpha),
+                                      (alpha.dtype, alpha.device))
             signal = learning_signal(evals, info, U)
             signal = signal.reshape(signal.shape + (1,) * info.event_dim)
             d = -(U + 1) - info.event_dim
@@ -537,7 +552,7 @@ class RELAX_ELBO(REBAR_ELBO):
     def adapts(self):
         return True
 
-    def _net(self, name, event_shape):
+    def _net(self, name, event_shape, like=None):
         if name not in self._nets:
             user = self._user_nets
             if isinstance(user, dict):
@@ -552,7 +567,8 @@ class RELAX_ELBO(REBAR_ELBO):
             else:
                 size = int(torch.Size(event_shape).numel()) if event_shape else 1
                 net = ControlVariateNet(size, self.hidden_size, len(event_shape))
-                net = net.to(dtype=torch.get_default_dtype())
+                dtype, device = like if like is not None else (torch.get_default_dtype(), None)
+                net = net.to(dtype=dtype, device=device)
             self._nets[name] = net
         return self._nets[name]
 
@@ -565,9 +581,9 @@ class RELAX_ELBO(REBAR_ELBO):
         state["_nets"] = nets
         return state
 
-    def _site_psi(self, name, event_shape):
-        psi = super()._site_psi(name, event_shape)
-        pyro.module(self.param_name(name, "control_variate"), self._net(name, event_shape))
+    def _site_psi(self, name, event_shape, like=None):
+        psi = super()._site_psi(name, event_shape, like)
+        pyro.module(self.param_name(name, "control_variate"), self._net(name, event_shape, like))
         return psi
 
     def adapted_tensors(self):

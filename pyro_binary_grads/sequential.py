@@ -207,7 +207,8 @@ def _combine(runs, alphas, structure, plan, draw, detach_discrete, dynamic, esti
         ]
         discrete[name] = (_stack(al, d), _stack(vs, edim - info.event_dim))
         if not all(ran):
-            present[name] = torch.tensor(ran).reshape((E,) + (1,) * U)
+            device = next(x for x in al if x is not None).device
+            present[name] = torch.tensor(ran, device=device).reshape((E,) + (1,) * U)
     evals = Evaluations(terms, discrete, draw.noise, runs[0][0], runs[0][1], present,
                         num_evaluations=E)
     evals.sequential = True

@@ -57,7 +57,7 @@ def test_threads_from_argv():
     sys.path.insert(0, str(EXAMPLES))
     import common
 
-    assert common.threads_from_argv([]) == common.DEFAULT_THREADS == 1
+    assert common.threads_from_argv([]) == common.DEFAULT_THREADS == 0  # torch's choice
     assert common.threads_from_argv(["--seed", "1", "--threads", "3"]) == 3
     assert common.threads_from_argv(["--threads=0"]) == 0
 

@@ -262,8 +262,15 @@ def test_categorical_site_error_points_to_one_hot():
 def test_argument_errors():
     with pytest.raises(ValueError, match="temperature >= 1"):
         ReinMax_ELBO(temperature=0.5)
-    with pytest.raises(ValueError, match="temperature > 0"):
+    with pytest.raises(ValueError, match=r"finite temperature in \(0"):
         GumbelSoftmaxST_ELBO(temperature=0.0)
+    # string and other non-numeric arguments name the argument (issue 17)
+    with pytest.raises(ValueError, match="ST_ELBO needs a number for temperature, got '1.0'"):
+        ST_ELBO(temperature="1.0")
+    with pytest.raises(ValueError, match="GumbelRao_ELBO needs an integer num_samples"):
+        GumbelRao_ELBO(num_samples="10")
+    with pytest.raises(ValueError, match="ReinMaxCV_ELBO needs a number for eta"):
+        ReinMaxCV_ELBO(eta=None)
     with pytest.raises(ValueError, match="num_samples >= 1"):
         GumbelRao_ELBO(num_samples=0)
     with pytest.raises(ValueError, match="num_samples >= 1"):
