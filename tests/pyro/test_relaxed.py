@@ -50,6 +50,9 @@ REBAR_CASES = [
     ("two_layer", 0.3, 0.7, 2000),
     ("onehot_plate", 0.5, 1.0, 2000),
     ("onehot_two_layer", 0.5, 1.0, 2000),
+    # the edges of the accepted range (relaxed.TEMPERATURE_MIN = 1e-2; large is harmless)
+    ("scalar", 1e-2, 1.0, 20000),
+    ("scalar", 1e4, 1.0, 2000),
 ]
 
 
