@@ -16,6 +16,13 @@ from .categorical import (
     ReinMaxRao_ELBO,
     ST_ELBO,
 )
+from .compiled import (
+    JitARM_ELBO,
+    JitDisARM_ELBO,
+    JitLocalDisARM_IWAE,
+    JitRLOO_ELBO,
+    JitVIMCO,
+)
 from .diagnostics import compare_estimators
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
@@ -28,6 +35,11 @@ __all__ = [
     "DisARM_ELBO",
     "GumbelRao_ELBO",
     "GumbelSoftmaxST_ELBO",
+    "JitARM_ELBO",
+    "JitDisARM_ELBO",
+    "JitLocalDisARM_IWAE",
+    "JitRLOO_ELBO",
+    "JitVIMCO",
     "LocalDisARM_IWAE",
     "OneHotCategorical",
     "REBAR_ELBO",

@@ -263,7 +263,9 @@ class SiteELBO(ELBO):
         prog = self._program
         check = is_validation_enabled()
         noise = {} if self._noise is None else dict(self._noise)
-        seed = int(torch.randint(0, 2**62, ()))
+        # compiled classes draw from the global RNG inside their trace (a Python
+        # seed would be baked into it: the same noise at every step)
+        seed = None if getattr(self, "_tracing", False) else int(torch.randint(0, 2**62, ()))
         evals = None
         with pyro.validation_enabled(False):
             for _ in range(3):

@@ -45,9 +45,12 @@ def uniform(noise, name, index, seed, shape, alpha):
     kept in ``noise``; a user-given entry is used as is)."""
     u = noise.get(name)
     if u is None:
-        gen = _generator(alpha.device)
-        gen.manual_seed(site_seed(seed, name, index))
-        u = torch.rand(shape, generator=gen, dtype=alpha.dtype, device=alpha.device)
+        if seed is None:  # compiled classes: the global RNG, so that the trace keeps the draw
+            u = torch.rand(shape, dtype=alpha.dtype, device=alpha.device)
+        else:
+            gen = _generator(alpha.device)
+            gen.manual_seed(site_seed(seed, name, index))
+            u = torch.rand(shape, generator=gen, dtype=alpha.dtype, device=alpha.device)
         # keep u in (0, 1): the logit and Gumbel transforms stay finite
         u = u.clamp(min=torch.finfo(u.dtype).tiny)
         noise[name] = u

@@ -8,14 +8,19 @@ import numpyro_binary_grads
 import pyro_binary_grads
 
 
+#: Pyro's compiled classes (Pyro's JitTrace_ELBO naming); NumPyro steps are
+#: compiled with jax.jit, so it has none
+PYRO_ONLY = {"JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE"}
+
+
 def test_same_public_names():
-    assert set(pyro_binary_grads.__all__) == set(numpyro_binary_grads.__all__)
+    assert set(pyro_binary_grads.__all__) - PYRO_ONLY == set(numpyro_binary_grads.__all__)
 
 
 def test_same_estimator_arguments():
     """Estimator arguments (keyword-only) have the same names and defaults;
     framework arguments follow each framework's ELBO base class."""
-    for name in pyro_binary_grads.__all__:
+    for name in sorted(set(pyro_binary_grads.__all__) - PYRO_ONLY):
         p, n = getattr(pyro_binary_grads, name), getattr(numpyro_binary_grads, name)
         if not (isinstance(p, type) and name.endswith(("ELBO", "VIMCO", "IWAE"))):
             continue
@@ -41,5 +46,6 @@ def test_every_public_class_has_a_docstring_with_citation(package):
         if not inspect.isclass(obj):
             continue
         assert obj.__doc__, f"{package}.{name} has no docstring"
-        if name.endswith("_ELBO") or name in ("VIMCO", "LocalDisARM_IWAE"):
+        if name.endswith("_ELBO") or name in ("VIMCO", "LocalDisARM_IWAE", "JitVIMCO",
+                                              "JitLocalDisARM_IWAE"):
             assert "[1]" in obj.__doc__, f"{package}.{name} cites no paper"

@@ -1,0 +1,130 @@
+"""
+The compiled classes (``pyro_binary_grads.compiled``): exact gradients from the
+replayed trace (5 SE with power, as ``test_unbiased.py``), fresh noise at every
+step, ``pyro.module`` weights, and the error for programs they cannot compile.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pyro
+import pyro.distributions as dist
+
+import specs
+import stats
+from pyro_oracle import init_params
+from test_unbiased import check, exact_flat
+from pyro_binary_grads import (
+    DisARM_ELBO,
+    JitARM_ELBO,
+    JitDisARM_ELBO,
+    JitRLOO_ELBO,
+)
+
+
+def compiled_draws(elbo, spec, names, calls, num_batches=30):
+    """Batch means of the gradients ``loss_and_grads`` leaves in ``.grad``, from
+    the third step on (the first runs eagerly, the second traces)."""
+    model, guide, args = spec.bind(specs.pyro_backend())
+    store = pyro.get_param_store()
+    rows = []
+    for i in range(calls + 2):
+        params = [store[k].unconstrained() for k in names]
+        for p in params:
+            p.grad = None
+        elbo.loss_and_grads(model, guide, *args)
+        if i >= 2:
+            rows.append(np.concatenate([
+                np.zeros(p.numel()) if p.grad is None else p.grad.double().flatten().numpy()
+                for p in params]))
+    return stats.batch_means(np.stack(rows), num_batches)
+
+
+CASES = [
+    # (class, spec, particles per call, calls)
+    (JitDisARM_ELBO, "sbn", 2000, 30),
+    (JitDisARM_ELBO, "two_layer", 2000, 30),
+    (JitDisARM_ELBO, "subsample", 50, 3600),
+    (JitARM_ELBO, "sbn", 2000, 30),
+    (JitRLOO_ELBO, "sbn", 2000, 30),
+]
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
+@pytest.mark.parametrize("cls,spec_name,particles,calls", CASES,
+                         ids=[f"{c.__name__}-{s}" for c, s, _, _ in CASES])
+def test_compiled_unbiased(cls, spec_name, particles, calls, validate):
+    if validate is False and spec_name != "sbn":
+        pytest.skip("validation off is checked on the sbn spec")
+    spec = specs.SPECS[spec_name]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = cls(num_particles=particles, vectorize_particles=True)
+    with pyro.validation_enabled(validate):
+        draws = compiled_draws(elbo, spec, names, calls)
+    assert len(elbo._compiled) == 1  # the steps after the first replayed a trace
+    check(draws, exact, f"{cls.__name__} {spec_name}")
+
+
+def test_compiled_draws_fresh_noise_every_step():
+    spec = specs.SPECS["sbn"]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    elbo = JitDisARM_ELBO()
+    losses = []
+    for _ in range(6):  # parameters are not updated: only the noise changes
+        losses.append(elbo.loss_and_grads(model, guide, *args))
+    assert len(set(losses[2:])) == 4, losses  # traced steps: four different draws
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_pyro_module_weights_train():
+    pyro.clear_param_store()
+    enc = Encoder()
+    dec = nn.Linear(3, 4)
+    x = (torch.rand(20, 4, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.get_default_dtype())
+
+    def model(x):
+        pyro.module("dec", dec)
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=dec(b)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("enc", enc)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=enc(x)).to_event(1))
+
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), JitDisARM_ELBO())
+    w0 = enc.lin.weight.detach().clone()
+    losses = [svi.step(x) for _ in range(200)]
+    assert np.isfinite(losses).all()
+    assert not torch.equal(w0, enc.lin.weight.detach())  # the encoder got gradients
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+
+
+def test_non_broadcasting_program_names_the_eager_class():
+    def model():
+        b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(4)).to_event(1))
+        pyro.sample("x", dist.Normal(b.sum(), 1.0), obs=torch.tensor(1.0))  # sums every dim
+
+    def guide():
+        q = pyro.param("q", torch.zeros(4))
+        pyro.sample("b", dist.Bernoulli(logits=q).to_event(1))
+
+    pyro.clear_param_store()
+    elbo = JitDisARM_ELBO()
+    with pytest.warns(UserWarning, match="does not broadcast"):
+        with pytest.raises(NotImplementedError, match="Use DisARM_ELBO"):
+            elbo.loss_and_grads(model, guide)
+    assert DisARM_ELBO  # the class the message names exists
