@@ -58,6 +58,7 @@ from sbn import SBN, make_model_and_guide  # noqa: E402
 
 try:
     from pyro_binary_grads import DisARM_ELBO
+    from pyro_binary_grads import JitDisARM_ELBO
 except ImportError as e:  # not written yet
     DisARM_ELBO = None
     DISARM_IMPORT_ERROR = str(e)
@@ -148,7 +149,8 @@ class PyroTrainer:
         self.name = name
         self.net = net
         self.elbo = elbo
-        self.model, self.guide = make_model_and_guide(net, name=f"sbn_{name}")
+        # one pyro.module name per trainer instance (fresh nets per batch size)
+        self.model, self.guide = make_model_and_guide(net, name=f"sbn_{name}_{id(net)}")
         self.svi = pyro.infer.SVI(self.model, self.guide, pyro.optim.Adam({"lr": lr}), elbo)
 
     def step(self, x, idx, num_data):
@@ -188,6 +190,9 @@ def make_trainers(base_net, lr, which):
             trainers.append(TracedHandTrainer(net, lr))
         elif name == "disarm":
             trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
+        elif name == "jit_disarm":
+            trainers.append(PyroTrainer("jit_disarm", net, JitDisARM_ELBO(max_plate_nesting=1,
+                                                                           ignore_jit_warnings=True), lr))
         elif name == "disarm_nosvi":
             trainers.append(ElboOnlyTrainer("disarm_nosvi", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "tracegraph":
@@ -394,8 +399,15 @@ def main():
     shape = {}
     for bs in args.shape_batches:
         trs = make_trainers(base, args.lr, which + ["hand+traces"]
-                            + (["disarm_nosvi"] if "disarm" in which else []))
+                            + (["disarm_nosvi", "jit_disarm"] if "disarm" in which else []))
         bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
+        for t in trs:  # the compiled class: first (eager) and second (tracing) step apart
+            if t.name == "jit_disarm":
+                for k, (idx, xb) in enumerate(bf(2)):
+                    t0 = time.perf_counter()
+                    t.step(xb, idx, num_data)
+                    print(f"batch {bs:>4}: JitDisARM_ELBO step {k + 1} "
+                          f"({'eager' if k == 0 else 'tracing'}) {1000 * (time.perf_counter() - t0):.1f} ms")
         interleaved(trs, bf, min(10, args.shape_steps), 10, num_data, device)  # warm-up
         ms_bs, _ = interleaved(trs, bf, args.shape_steps, min(args.block, args.shape_steps),
                                num_data, device)
@@ -406,6 +418,8 @@ def main():
             ratios = f"  ours/hand {shape[bs]['disarm'] / shape[bs]['hand']:.2f}"
         if "disarm_nosvi" in shape[bs]:
             ratios += f"  (loss_and_grads+Adam)/hand {shape[bs]['disarm_nosvi'] / shape[bs]['hand']:.2f}"
+        if "jit_disarm" in shape[bs]:
+            ratios += f"  JitDisARM_ELBO(SVI)/hand {shape[bs]['jit_disarm'] / shape[bs]['hand']:.2f}"
         ratios += f"  tracegraph/hand {shape[bs]['tracegraph'] / shape[bs]['hand']:.2f}"
         print(f"batch {bs:>4}: {line}\n            {ratios}")
         if "disarm" in shape[bs] and bs == min(args.shape_batches):

@@ -13,13 +13,17 @@ trace from torch's global generator (``torch.rand``), so every step draws afresh
 (a seeded generator would be baked into the trace as a constant).
 
 As for Pyro's compiled ELBOs, only static programs compile: the same sites,
-shapes and control flow at every step, tensors passed as ``*args``, other
-inputs as ``**kwargs`` (one trace per distinct ``**kwargs``), every
-``pyro.param`` created on the first step. A program that does not broadcast,
+shapes and control flow at every step, every ``pyro.param`` created on the
+first step, one trace per distinct ``**kwargs``. Tensor positional arguments
+are the trace's inputs; other positional arguments (a Python ``num_data``) are
+constants of it, one trace per distinct value (Pyro's own compiled ELBOs refuse
+them). A program that does not broadcast,
 or whose trace fails, raises an error that names the eager class to use.
 """
 
 import weakref
+
+import torch
 
 import pyro
 import pyro.ops.jit
@@ -65,24 +69,35 @@ class _Compiled:
         As the eager class's :meth:`loss_and_grads`; from the second step of a
         (model, guide) on, the step is a replayed trace.
         """
-        key = (id(model), id(guide))
+        # tensors are the trace's inputs; other positional arguments (a Python
+        # num_data, say) are constants of it: one trace per distinct value
+        consts = tuple((i, a) for i, a in enumerate(args) if not torch.is_tensor(a))
+        tensors = tuple(a for a in args if torch.is_tensor(a))
+        try:
+            key = (id(model), id(guide), consts)
+            hash(key)
+        except TypeError:
+            key = (id(model), id(guide), tuple((i, id(a)) for i, a in consts))
         fn = self._compiled.get(key)
         if fn is None:
             loss = super().loss_and_grads(model, guide, *args, **kwargs)  # eager, discovers
             self._check_static()
             weakself = weakref.ref(self)
+            n = len(args)
 
             @pyro.ops.jit.trace(ignore_warnings=self.ignore_jit_warnings,
                                 jit_options=self.jit_options)
-            def step(*args, **kwargs):
+            def step(*tensors, **kwargs):
                 self = weakself()
-                return self._value_and_surrogate(model, guide, args, kwargs)
+                fixed, it = dict(consts), iter(tensors)
+                full = tuple(fixed[i] if i in fixed else next(it) for i in range(n))
+                return self._value_and_surrogate(model, guide, full, kwargs)
 
             self._compiled[key] = step
             return loss
         self._tracing = True
         try:
-            loss, surr = fn(*args, **kwargs)
+            loss, surr = fn(*tensors, **kwargs)
         except (RuntimeError, TypeError, NotImplementedError) as e:
             raise NotImplementedError(
                 f"{type(self).__name__} could not compile this program with "

@@ -282,8 +282,8 @@ class SiteELBO(ELBO):
                     noise = {} if self._noise is None else dict(self._noise)
                     continue
                 except Exception as e:
-                    if "NaN or infinite logits" in str(e):
-                        raise
+                    if "NaN or infinite logits" in str(e) or getattr(self, "_tracing", False):
+                        raise  # (a compiled class reports a failed trace itself)
                     evals = self._sequential(prog, model, guide, args, kwargs, noise,
                                              seed, num_particles, check)
                     prog.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
