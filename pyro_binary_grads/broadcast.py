@@ -15,13 +15,23 @@ reduces, reshapes or multiplies over the evaluation dim mixes the
 evaluations and its log-prob terms differ; one that broadcasts gives equal
 terms in every evaluation. Every element of every discrete site differs
 between neighbouring evaluations, so the result does not depend on a lucky
-draw.
+draw. Parameter values could still hide the mixing (a weight initialised at 0
+multiplying ``b.sum()``): during the check every ``pyro.param`` (not those of
+``pyro.module``, which would be written back into the module) is perturbed in
+its unconstrained space, the same in the vectorized and the unbatched runs
+(:class:`_PerturbedParams`), and the ELBO repeats the check at its 10th, 100th
+and 1000th step of each program.
 """
+
+import zlib
 
 import torch
 import torch.nn.functional as F
 
 import pyro.poutine as poutine
+from torch.distributions import biject_to
+
+import pyro
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
@@ -115,6 +125,33 @@ def _per_particle(t, U):
     return t.sum(tuple(range(t.dim() - U, t.dim()))) if U else t
 
 
+class _PerturbedParams(Messenger):
+    """``pyro.param`` values moved by a fixed, name-seeded unit normal in the
+    unconstrained space (0.5 sd), so that a parameter at 0 cannot hide a
+    program that mixes evaluations. Module parameters are left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = {}
+
+    def _pyro_post_param(self, msg):
+        name, value = msg["args"][0], msg["value"]
+        if "$$$" in name or not torch.is_tensor(value) or not value.is_floating_point():
+            return
+        if name not in self._cache:
+            store = pyro.get_param_store()
+            constraint = store._constraints.get(name) if hasattr(store, "_constraints") else None
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            z = torch.randn(value.shape, generator=gen, dtype=value.dtype).to(value.device)
+            try:
+                t = biject_to(constraint) if constraint is not None else None
+                new = t(t.inv(value.detach()) + 0.5 * z) if t is not None else value.detach() + 0.5 * z
+            except Exception:  # noqa: BLE001 -- an unusual constraint: leave the value
+                new = value.detach()
+            self._cache[name] = new
+        msg["value"] = self._cache[name]
+
+
 def check_broadcasting(model, guide, args, kwargs, U, E, seed, num_particles=None):
     """
     ``None`` if model and guide broadcast over the evaluation dim (with
@@ -123,6 +160,11 @@ def check_broadcasting(model, guide, args, kwargs, U, E, seed, num_particles=Non
     """
     E = max(E, 2)
     noise = {}
+    with _PerturbedParams():
+        return _check(model, guide, args, kwargs, U, E, seed, num_particles, noise)
+
+
+def _check(model, guide, args, kwargs, U, E, seed, num_particles, noise):
     Lv = U + 1 + (num_particles is not None)
     try:
         with torch.no_grad():

@@ -42,6 +42,9 @@ from .structure import (PARTICLE_PLATE, GuideStructure, StructureChanged, guess_
 from .vectorized import run_vectorized
 
 _MAX_PROGRAMS = 8
+#: draws of a program at which a "broadcasts" verdict is checked again (its
+#: parameters have moved since the first check)
+_RECHECK_AT = (10, 100, 1000)
 
 
 class _Program:
@@ -52,6 +55,7 @@ class _Program:
         self.structure = structure
         self.verdicts = {}  # (signature, particles) -> None (broadcasts) or (site, why)
         self.failed = None  # why the vectorized path failed on a later step
+        self.steps = 0  # draws on the vectorized path
 
 
 class _LogitsCheck(Messenger):
@@ -226,6 +230,9 @@ class SiteELBO(ELBO):
         if not self.vectorize or prog.failed is not None:
             return False
         key = (prog.structure.signature, num_particles)
+        prog.steps += 1
+        if prog.steps in _RECHECK_AT and prog.verdicts.get(key, True) is None:
+            del prog.verdicts[key]  # parameters have moved: check again
         if key not in prog.verdicts:
             E = self._plan.num_evaluations
             verdict = None

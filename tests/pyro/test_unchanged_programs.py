@@ -473,3 +473,28 @@ def test_subsampled_plate_with_a_global_term_is_unbiased():
     rows = [flat_grads(elbo.differentiable_loss(model, guide, SUBSETS[c % 3]), names)
             for c in range(90)]
     check(stats.batch_means(np.stack(rows), 30), exact, "subsampled plate, global term")
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
+def test_zero_initialised_weight_cannot_hide_mixing(validate):
+    """A weight at 0 multiplying ``b.sum()`` makes every evaluation's log-prob
+    equal at the first step; the check perturbs parameter values, so it still
+    finds the mixing (else the cached verdict would give a biased gradient once
+    the weight moves: z = 3440 measured before the fix)."""
+    def guide():
+        a = pyro.param("q_a", torch.tensor([0.05, 0.3]))
+        with pyro.plate("data", 2):
+            pyro.sample("b", dist.Bernoulli(logits=a))
+
+    def model():
+        p = pyro.param("p_p", torch.tensor(0.1))
+        mu = pyro.param("p_mu", torch.tensor(0.0))  # zero-initialised
+        with pyro.plate("data", 2):
+            b = pyro.sample("b", dist.Bernoulli(logits=p))
+        pyro.sample("x", dist.Normal(mu * b.sum() - 0.3, 1.0), obs=torch.tensor(1.1))
+
+    pyro.clear_param_store()
+    with pyro.validation_enabled(validate):
+        with pytest.warns(UserWarning, match="does not broadcast"):
+            DisARM_ELBO().differentiable_loss(model, guide)
+    assert float(pyro.param("p_mu")) == 0.0  # the perturbation did not touch the store
