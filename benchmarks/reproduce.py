@@ -169,7 +169,12 @@ def run_one(cfg, seed, budget, backend, results, out_root):
     shown = " ".join(c.replace(str(ROOT) + "/", "") for c in cmd[1:])
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"name": cfg.name, "seed": seed, "error": " | ".join(tail), "cmd": shown}
+        err = {"name": cfg.name, "seed": seed, "error": " | ".join(tail), "cmd": shown,
+               "date": time.strftime("%Y-%m-%d")}
+        failed = results / budget / "failed" / f"{cfg.name}_s{seed}.json"
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(json.dumps(err) + "\n")  # shown in RESULTS.md until a run succeeds
+        return err
     res = json.loads(p.stdout.strip().splitlines()[-1])
     rec = {"name": cfg.name, "seed": seed, "budget": budget, "wall_s": wall, "cmd": shown,
            "date": time.strftime("%Y-%m-%d"), **res}
@@ -185,8 +190,26 @@ def run_one(cfg, seed, budget, backend, results, out_root):
 
 
 def load_records(results, budget):
+    """The run records of ``budget``, and the failures of runs that have no record."""
     d = results / budget
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+    if not d.exists():
+        return []
+    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
+    done = {(r["name"], r["seed"]) for r in recs}
+    fails = [json.loads(p.read_text()) for p in sorted((d / "failed").glob("*.json"))]
+    return recs + [f for f in fails if (f["name"], f["seed"]) not in done]
+
+
+def existing(results, budget, name, seed, backend):
+    """Whether a record of this run exists; one of another backend is an error."""
+    path = record_path(results, budget, name, seed)
+    if not path.exists():
+        return False
+    have = json.loads(path.read_text()).get("backend")
+    if have != backend:
+        raise SystemExit(f"{path} holds a {have} run; this table is {backend}'s. Move it or "
+                         f"pass --results DIR for a {backend} table.")
+    return True
 
 
 def fmt(values, nd=2, sign=1.0):
@@ -370,7 +393,7 @@ def main(argv=None):
     all_cfgs = configs(args.budget)
     if not args.render_only:
         todo = [(c, s) for c in cfgs for s in (args.seeds or c.seeds)
-                if not record_path(args.results, args.budget, c.name, s).exists()]
+                if not existing(args.results, args.budget, c.name, s, args.backend)]
         todo.sort(key=lambda job: job[1])  # every row at its first seed before more seeds
         lock = threading.Lock()
 
