@@ -136,7 +136,10 @@ class _PerturbedParams(Messenger):
 
     def _pyro_post_param(self, msg):
         name, value = msg["args"][0], msg["value"]
-        if "$$$" in name or not torch.is_tensor(value) or not value.is_floating_point():
+        # pyro.module's params would be written back into the module; the ELBO's own
+        # adapted params (_bg_*) are not the program's
+        if "$$$" in name or name.startswith("_bg_") or not torch.is_tensor(value) \
+                or not value.is_floating_point():
             return
         if name not in self._cache:
             store = pyro.get_param_store()

@@ -260,7 +260,8 @@ def compare_estimators(model, guide, *args, estimators, num_samples=1000, exact=
       per param name) and the signal-to-noise ratio ``|mean| / std``
       (median over coordinates);
     * the cost per step: *executions*, the Python calls of model plus guide
-      (a vectorized call counts once), *evaluations*, the evaluations of the
+      (a vectorized call counts once; the ELBO's broadcasting re-checks at its
+      10th, 100th and 1000th draw are included, amortized), *evaluations*, the evaluations of the
       ELBO integrand the estimator uses (``1 + T`` for DisARM with ``T``
       discrete sites, ``K`` for RLOO/VIMCO, times ``num_particles``), and
       wall-clock milliseconds;

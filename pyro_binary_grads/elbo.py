@@ -240,6 +240,8 @@ class SiteELBO(ELBO):
                 with pyro.validation_enabled(False), torch.random.fork_rng():
                     verdict = check_broadcasting(model, guide, args, kwargs, prog.U, E,
                                                  seed, num_particles)
+                if isinstance(getattr(self, "_psi", None), dict):
+                    self._psi = {}  # REBAR/RELAX: no-grad params of the check are not the step's
             prog.verdicts[key] = verdict
             if verdict is not None:
                 self._warn_sequential(*verdict)
