@@ -345,13 +345,16 @@ def _plot(setup, title, series, png, sign):
             if r.get("tests"):
                 ts = np.asarray(r["tests"], dtype=float)
                 ax.plot(ts[:, 0], sign * ts[:, 1], "o", ms=2.5, color=f"C{i}", alpha=0.7,
-                        label=f"{label} (test subset)" if j == 0 else None)
+                        label=f"{label} (test 100-sample bound, subset)" if j == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("-ELBO (nats)" if sign < 0 else "nats per example")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right" if sign > 0 else "upper right")
-    vals = [sign * p[1] for _, rs in series for r in rs for p in r.get("curve", [])[len(r.get("curve", [])) // 10:]]
+    vals = [sign * p[1] for _, rs in series for r in rs
+            for p in r.get("curve", [])[len(r.get("curve", [])) // 10:]]
+    vals += [sign * t[1] for _, rs in series for r in rs
+             for t in r.get("tests", [])[len(r.get("tests", [])) // 10 + 1:]]
     if vals:
         lo, hi = np.percentile(vals, 1), np.percentile(vals, 99)
         pad = 0.15 * (hi - lo) + 1
