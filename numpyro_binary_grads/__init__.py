@@ -18,7 +18,8 @@ from .diagnostics import compare_estimators
 from .distributions import OneHotCategorical
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE, iwae_bound
-from .relaxed import RELAX_ELBO, REBAR_ELBO
+from .relax import RELAX_ELBO
+from .relaxed import REBAR_ELBO
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,7 @@ import stats  # noqa: E402
 from numpyro_oracle import init_params  # noqa: E402
 from numpyro_binary_grads import REBAR_ELBO, RELAX_ELBO  # noqa: E402
 from numpyro_binary_grads.elbo import SiteELBO  # noqa: E402
-from numpyro_binary_grads.relaxed import ControlVariateNet  # noqa: E402
+from numpyro_binary_grads.relax import ControlVariateNet  # noqa: E402
 from test_numpyro_unbiased import exact_flat, gradient_draws  # noqa: E402
 
 B = specs.numpyro_backend()
