@@ -117,6 +117,14 @@ def configs(budget):
                               "examples/categorical_vae.py",
                               ["--latent", size, "--estimator", est, "--num-steps", str(steps)]
                               + ev, seeds, pub))
+        # hand-written JAX ReinMax-CV (authors' form) of the same setup, with our
+        # one-sample KL and with the authors' analytic KL (benchmarks/cvae_reference_jax.py)
+        for kl in ("analytic", "sample"):
+            out.append(Config(f"cvae_{size}_handwritten_{kl}", f"cvae_{size}",
+                              f"hand-written JAX ReinMax-CV, {kl} KL (reference)",
+                              "benchmarks/cvae_reference_jax.py",
+                              ["--latent", size, "--estimator", "reinmax_cv", "--kl", kl,
+                               "--num-steps", str(steps)] + ev, SEED1))
     # REBAR table
     steps = 2_000_000 if full else 5000
     ev = ["--eval-every", str(steps // 20), "--eval-size", "1000"]
