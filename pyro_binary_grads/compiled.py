@@ -1,24 +1,37 @@
 """
-Compiled ELBOs: the estimators' step traced once with :func:`pyro.ops.jit.trace`
-(:func:`torch.jit.trace` plus Pyro's param capture) and replayed, as Pyro's
-:class:`~pyro.infer.JitTrace_ELBO` and :class:`~pyro.infer.JitTraceGraph_ELBO`
-do for theirs. The trace skips the Python of Pyro's tracing and of the site
-mechanism; what it replays is the same tensor program as the eager class's
-vectorized path.
+Compiled ELBOs: the estimators' step traced once with :func:`torch.jit.trace`
+(Pyro's parameters as the trace's inputs, as :func:`pyro.ops.jit.trace` does
+for :class:`~pyro.infer.JitTrace_ELBO`) and replayed. The replay skips the
+Python of Pyro's tracing and of the site mechanism; what it runs is the same
+tensor program as the eager class's vectorized path.
 
-The first step of each (model, guide) runs eagerly (it discovers the guide's
-structure and checks that the program broadcasts over the evaluation dim); the
-second traces the step, later ones replay it. The noise is drawn inside the
-trace from torch's global generator (``torch.rand``), so every step draws afresh
-(a seeded generator would be baked into the trace as a constant).
+The first step of each (model, guide) runs eagerly: it discovers the guide's
+structure, checks that the program broadcasts over the evaluation dim, and
+records which ``pyro.param`` sites the step reads (they become the trace's
+inputs). The second step traces, later ones replay. The noise is drawn inside
+the trace from torch's global generator (``torch.rand``), so every step draws
+afresh (a seeded generator would be baked into the trace as a constant).
+
+How the trace is run (measured on the one-layer SBN, batch 50, one CPU
+thread; ``benchmarks/bench_pyro_disarm.py``): TorchScript's optimizing
+executor would replace the graph by autodiff subgraphs whose backward runs
+TorchScript's symbolic gradients (``softplus`` as ``exp``/``where``/``mul``,
+several passes where autograd's kernel makes one), slower than eager autograd
+on CPU. The trace is therefore run with
+:func:`torch.jit.optimized_execution` off (set :attr:`optimize_trace` to
+change it), after TorchScript's constant propagation, peephole, CSE and
+dead-code passes have removed the tracer's bookkeeping (shape arithmetic,
+repeated constants): about a third of the traced nodes.
 
 As for Pyro's compiled ELBOs, only static programs compile: the same sites,
 shapes and control flow at every step, every ``pyro.param`` created on the
 first step, one trace per distinct ``**kwargs``. Tensor positional arguments
 are the trace's inputs; other positional arguments (a Python ``num_data``) are
 constants of it, one trace per distinct value (Pyro's own compiled ELBOs refuse
-them). A program that does not broadcast,
-or whose trace fails, raises an error that names the eager class to use.
+them). A program that does not broadcast, or whose trace fails, raises an error
+that names the eager class to use. A ``pyro.module`` whose parameters are not
+the ones the param store holds under its name (a new module registered under a
+name used before) raises an error that says so.
 """
 
 import weakref
@@ -26,17 +39,123 @@ import weakref
 import torch
 
 import pyro
-import pyro.ops.jit
-from pyro.util import warn_if_nan
+import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
+from pyro.util import ignore_jit_warnings, warn_if_nan
 
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE
 
 __all__ = ["JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE"]
 
+_MODULE_DIVIDER = "$$$"  # pyro.module's "name$$$param" names
+
+
+class ModuleNameReused(ValueError):
+    """A ``pyro.module`` registered parameters other than those the param
+    store holds under its name."""
+
+
+class _ParamRecorder(Messenger):
+    """
+    Records the names of the ``pyro.param`` sites a step reads, and for each
+    ``pyro.module`` parameter whether the module's own tensor is the one the
+    param store returned. ``pyro.module(name, m)`` calls
+    ``pyro.param("name$$$p", m.p)``; the store returns the tensor it already
+    holds under that name, which is not ``m.p`` when another module was
+    registered under ``name`` before: ``m`` then computes with parameters that
+    are neither optimized nor inputs of a trace. (With
+    ``update_module_params=True``, Pyro puts the store's tensors into ``m``
+    after the first call: only the last call of each name counts.)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.names = {}  # name -> None, in first-read order
+        self.foreign = {}  # module param name -> module tensor is not the store's
+
+    def _pyro_post_param(self, msg):
+        name = msg["args"][0]
+        self.names.setdefault(name, None)
+        init = msg["args"][1] if len(msg["args"]) > 1 else None
+        if _MODULE_DIVIDER in name and torch.is_tensor(init) and init.requires_grad:
+            value = msg["value"]
+            stored = value.unconstrained() if hasattr(value, "unconstrained") else value
+            self.foreign[name] = init is not value and init is not stored
+
+
+def _optimize_graph(graph):
+    """TorchScript's graph clean-up passes (those its optimizing executor runs
+    first), in place; a pass missing from this torch version is skipped. None
+    of them moves or merges a nondeterministic op such as ``aten::rand``."""
+    passes = (
+        ("_jit_pass_inline", ()),
+        ("_jit_pass_constant_propagation", ()),
+        ("_jit_pass_peephole", (True,)),
+        ("_jit_pass_cse", ()),
+        ("_jit_pass_dce", ()),
+    )
+    for name, extra in passes:
+        fn = getattr(torch._C, name, None)
+        if fn is not None:
+            fn(graph, *extra)
+
+
+class _Trace:
+    """
+    ``fn(*tensors)`` traced by :func:`torch.jit.trace` with the unconstrained
+    values of the ``pyro.param`` sites ``names`` as leading inputs, as
+    :class:`pyro.ops.jit.CompiledFunction` does, but with the names recorded
+    on the eager step (no extra param-capture run of ``fn``) and the graph
+    cleaned up once (:func:`_optimize_graph`). Every call reads each parameter
+    through ``pyro.param``, so that ``SVI``'s parameter capture sees them.
+    """
+
+    def __init__(self, fn, names, ignore_warnings=False, jit_options=None, optimize=True):
+        self.fn = fn
+        self.names = list(names)
+        self.ignore_warnings = ignore_warnings
+        self.jit_options = dict(jit_options or {})
+        self.jit_options.setdefault("check_trace", False)
+        self.optimize = optimize
+        self.compiled = None
+
+    def __call__(self, *tensors):
+        params = tuple(pyro.param(name).unconstrained() for name in self.names)
+        if self.compiled is None:
+            weakself = weakref.ref(self)
+
+            def replayed(*params_and_tensors):
+                self = weakself()
+                constrained = {name: pyro.param(name) for name in self.names}
+                with _ParamRecorder() as seen, poutine.replay(params=constrained):
+                    out = self.fn(*params_and_tensors[len(self.names):])
+                new = [name for name in seen.names if name not in constrained]
+                if new:
+                    raise NotImplementedError(
+                        f"the step created pyro.param {new[0]!r} after its first step; "
+                        "compiled ELBOs need every parameter created on the first step")
+                return out
+
+            if self.ignore_warnings:
+                replayed = ignore_jit_warnings()(replayed)
+            with pyro.validation_enabled(False):
+                compiled = torch.jit.trace(replayed, params + tensors, **self.jit_options)
+            if self.optimize:
+                _optimize_graph(compiled.graph)
+            self.compiled = compiled
+        return self.compiled(*(params + tensors))
+
 
 class _Compiled:
-    """Mixin: ``loss_and_grads`` traced by :func:`pyro.ops.jit.trace`."""
+    """Mixin: ``loss_and_grads`` traced by :func:`torch.jit.trace` (see
+    :mod:`pyro_binary_grads.compiled`)."""
+
+    #: run the replayed trace with TorchScript's optimizing executor (autodiff
+    #: subgraphs, symbolic gradients); off: eager autograd, faster on CPU
+    optimize_trace = False
+    #: run TorchScript's clean-up passes on the trace once
+    optimize_graph = True
 
     def __init__(self, *args, **kwargs):
         # ignore_jit_warnings and jit_options are pyro.infer.ELBO's own arguments
@@ -64,6 +183,21 @@ class _Compiled:
                 "on its sequential path."
             )
 
+    def _check_modules(self, recorder):
+        foreign = [name for name, bad in recorder.foreign.items() if bad]
+        if foreign:
+            module = foreign[0].split(_MODULE_DIVIDER)[0]
+            raise ModuleNameReused(
+                f"pyro.module({module!r}, ...) registered an nn.Module whose parameters are "
+                f"not the ones Pyro's param store holds under that name ({foreign[0]!r}): "
+                f"another module was registered as {module!r} before, and the store kept "
+                f"its parameters. {type(self).__name__} cannot trace a module whose "
+                "parameters are not the store's (nor would SVI optimize them). Give each "
+                "module its own name, call pyro.clear_param_store() before building new "
+                "modules, or pass update_module_params=True to pyro.module to load the "
+                "stored parameters into the module."
+            )
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """
         As the eager class's :meth:`loss_and_grads`; from the second step of a
@@ -74,40 +208,45 @@ class _Compiled:
         consts = tuple((i, a) for i, a in enumerate(args) if not torch.is_tensor(a))
         tensors = tuple(a for a in args if torch.is_tensor(a))
         try:
-            key = (id(model), id(guide), consts)
+            key = (id(model), id(guide), consts, tuple(sorted(kwargs.items())))
             hash(key)
         except TypeError:
-            key = (id(model), id(guide), tuple((i, id(a)) for i, a in consts))
+            key = (id(model), id(guide), tuple((i, id(a)) for i, a in consts),
+                   tuple(sorted((k, id(v)) for k, v in kwargs.items())))
         fn = self._compiled.get(key)
         if fn is None:
-            loss = super().loss_and_grads(model, guide, *args, **kwargs)  # eager, discovers
+            with _ParamRecorder() as recorder:
+                loss = super().loss_and_grads(model, guide, *args, **kwargs)  # eager, discovers
+            self._check_modules(recorder)
             self._check_static()
             weakself = weakref.ref(self)
             n = len(args)
 
-            @pyro.ops.jit.trace(ignore_warnings=self.ignore_jit_warnings,
-                                jit_options=self.jit_options)
-            def step(*tensors, **kwargs):
+            def step(*tensors):
                 self = weakself()
                 fixed, it = dict(consts), iter(tensors)
                 full = tuple(fixed[i] if i in fixed else next(it) for i in range(n))
                 return self._value_and_surrogate(model, guide, full, kwargs)
 
-            self._compiled[key] = step
+            self._compiled[key] = _Trace(step, recorder.names, self.ignore_jit_warnings,
+                                         self.jit_options, self.optimize_graph)
             return loss
         self._tracing = True
         try:
-            loss, surr = fn(*tensors, **kwargs)
+            with torch.jit.optimized_execution(self.optimize_trace):
+                loss, surr = fn(*tensors)
         except (RuntimeError, TypeError, NotImplementedError) as e:
+            del self._compiled[key]
             raise NotImplementedError(
                 f"{type(self).__name__} could not compile this program with "
-                f"pyro.ops.jit.trace ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                f"torch.jit.trace ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                 f"Use {self._eager_name}."
             ) from e
         finally:
             self._tracing = False
         if surr.requires_grad:
-            surr.backward(retain_graph=self.retain_graph)
+            with torch.jit.optimized_execution(self.optimize_trace):
+                surr.backward(retain_graph=self.retain_graph)
         loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
@@ -116,7 +255,7 @@ class _Compiled:
 def _doc(eager):
     return f"""
     Like :class:`~pyro_binary_grads.{eager.__name__}` (below) but with
-    :meth:`loss_and_grads` compiled by :func:`pyro.ops.jit.trace` (see
+    :meth:`loss_and_grads` compiled by :func:`torch.jit.trace` (see
     :mod:`pyro_binary_grads.compiled`); ``ignore_jit_warnings`` and
     ``jit_options`` as for Pyro's ``JitTrace_ELBO``. For static programs that
     broadcast over the evaluation dim; others raise an error naming

@@ -16,6 +16,7 @@ import specs
 import stats
 from pyro_oracle import init_params
 from test_unbiased import check, exact_flat
+from pyro_binary_grads.compiled import ModuleNameReused
 from pyro_binary_grads import (
     DisARM_ELBO,
     JitARM_ELBO,
@@ -130,3 +131,63 @@ def test_non_broadcasting_program_names_the_eager_class():
         with pytest.raises(NotImplementedError, match="Use DisARM_ELBO"):
             elbo.loss_and_grads(model, guide)
     assert DisARM_ELBO  # the class the message names exists
+
+
+def _module_program(enc, dec, update=False):
+    def model(x):
+        pyro.module("dec", dec, update_module_params=update)
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=dec(b)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("enc", enc, update_module_params=update)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=enc(x)).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
+def test_pyro_module_name_reused_by_a_new_module_raises(validate):
+    pyro.clear_param_store()
+    x = (torch.rand(20, 4, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.get_default_dtype())
+    with pyro.validation_enabled(validate):
+        svi = pyro.infer.SVI(*_module_program(Encoder(), nn.Linear(3, 4)),
+                             pyro.optim.Adam({"lr": 0.05}), JitDisARM_ELBO())
+        for _ in range(3):
+            svi.step(x)
+        # new modules under the names used above, param store not cleared
+        enc, dec = Encoder(), nn.Linear(3, 4)
+        elbo = JitDisARM_ELBO()
+        svi = pyro.infer.SVI(*_module_program(enc, dec), pyro.optim.Adam({"lr": 0.05}), elbo)
+        with pytest.raises(ModuleNameReused, match=r"pyro.module\('(enc|dec)'.*clear_param_store"):
+            svi.step(x)
+        # the fix the message names: load the stored parameters into the new modules
+        svi = pyro.infer.SVI(*_module_program(enc, dec, update=True),
+                             pyro.optim.Adam({"lr": 0.05}), JitDisARM_ELBO())
+        losses = [svi.step(x) for _ in range(3)]
+    assert np.isfinite(losses).all()
+    store = pyro.get_param_store()
+    assert enc.lin.weight is store["enc$$$lin.weight"]  # the module now computes with the store's
+
+
+def test_param_created_after_the_first_step_names_it():
+    pyro.clear_param_store()
+    late = [False]
+
+    def model():
+        b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(4)).to_event(1))
+        pyro.sample("x", dist.Normal(b.sum(-1), 1.0), obs=torch.tensor(1.0))
+
+    def guide():
+        q = pyro.param("q", torch.zeros(4))
+        if late[0]:  # a parameter the first (eager) step did not create
+            q = q + pyro.param("late", torch.zeros(4))
+        pyro.sample("b", dist.Bernoulli(logits=q).to_event(1))
+
+    elbo = JitDisARM_ELBO()
+    elbo.loss_and_grads(model, guide)
+    late[0] = True
+    with pytest.raises(NotImplementedError, match="'late' after its first step.*Use DisARM_ELBO"):
+        elbo.loss_and_grads(model, guide)  # traces
