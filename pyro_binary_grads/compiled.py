@@ -23,6 +23,18 @@ change it), after TorchScript's constant propagation, peephole, CSE and
 dead-code passes have removed the tracer's bookkeeping (shape arithmetic,
 repeated constants): about a third of the traced nodes.
 
+:func:`torch.jit.trace` records the ops the step runs under ``torch.no_grad()``
+but not the mode; the values that did not require grad in the traced run are
+detached in the graph (:func:`_detach_no_grad_values`), so that the replayed
+step is the eager one draw for draw (without it, the site mechanism's detached
+guide log-probs would add a zero-mean score term to every gradient, and REBAR's
+conditional noise would be differentiated: biased).
+
+:class:`JitREBAR_ELBO`: with ``adapt=True`` REBAR's variance term needs
+second-order :func:`torch.autograd.grad`, which a trace cannot record; the
+trace computes the loss, the surrogate and the step's temperatures and etas,
+and the term is added after each replay, through the replayed graph.
+
 As for Pyro's compiled ELBOs, only static programs compile: the same sites,
 shapes and control flow at every step, every ``pyro.param`` created on the
 first step, one trace per distinct ``**kwargs``. Tensor positional arguments
@@ -45,8 +57,10 @@ from pyro.util import ignore_jit_warnings, warn_if_nan
 
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE
+from .relaxed import REBAR_ELBO
 
-__all__ = ["JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE"]
+__all__ = ["JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE",
+           "JitREBAR_ELBO"]
 
 _MODULE_DIVIDER = "$$$"  # pyro.module's "name$$$param" names
 
@@ -84,6 +98,39 @@ class _ParamRecorder(Messenger):
             self.foreign[name] = init is not value and init is not stored
 
 
+def _detach_no_grad_values(graph):
+    """
+    Make the traced graph keep the eager run's ``torch.no_grad()`` regions:
+    :func:`torch.jit.trace` records the ops run under ``no_grad`` but not the
+    mode, so on replay gradients would flow through them (for the site
+    mechanism's detached guide log-probs an extra zero-mean score term, for
+    REBAR's conditional noise a biased gradient). The tracer does record
+    whether each value required grad: every floating-point value that did not,
+    although an input of its op did, is detached after the op. Returns the
+    number of values detached.
+    """
+    count = 0
+    for node in list(graph.nodes()):
+        if not any(_requires_grad(v) for v in node.inputs()):
+            continue
+        for out in node.outputs():
+            t = out.type()
+            if not isinstance(t, torch._C.TensorType) or t.requires_grad() is not False \
+                    or t.dtype() is None or not t.dtype().is_floating_point:
+                continue
+            detach = graph.create("aten::detach", [out])
+            detach.insertAfter(node)
+            detach.output().setType(t)
+            out.replaceAllUsesAfterNodeWith(detach, detach.output())
+            count += 1
+    return count
+
+
+def _requires_grad(value):
+    t = value.type()
+    return isinstance(t, torch._C.TensorType) and bool(t.requires_grad())
+
+
 def _optimize_graph(graph):
     """TorchScript's graph clean-up passes (those its optimizing executor runs
     first), in place; a pass missing from this torch version is skipped. None
@@ -119,6 +166,7 @@ class _Trace:
         self.jit_options.setdefault("check_trace", False)
         self.optimize = optimize
         self.compiled = None
+        self.state = None  # the ELBO's Python state of the tracing run
 
     def __call__(self, *tensors):
         params = tuple(pyro.param(name).unconstrained() for name in self.names)
@@ -141,6 +189,7 @@ class _Trace:
                 replayed = ignore_jit_warnings()(replayed)
             with pyro.validation_enabled(False):
                 compiled = torch.jit.trace(replayed, params + tensors, **self.jit_options)
+            self.num_detached = _detach_no_grad_values(compiled.graph)
             if self.optimize:
                 _optimize_graph(compiled.graph)
             self.compiled = compiled
@@ -198,6 +247,20 @@ class _Compiled:
                 "stored parameters into the module."
             )
 
+    # -- what the trace computes (subclasses whose step is not one tensor program) --
+
+    def _traced_step(self, model, guide, args, kwargs):
+        """The tensors the trace computes: ``(loss, surrogate)``."""
+        return self._value_and_surrogate(model, guide, args, kwargs)
+
+    def _trace_state(self):
+        """Python state of the tracing run that :meth:`_after_replay` needs."""
+        return None
+
+    def _after_replay(self, outputs, state):
+        """``(loss, surrogate)`` from the trace's outputs (eager work after the replay)."""
+        return outputs
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """
         As the eager class's :meth:`loss_and_grads`; from the second step of a
@@ -226,15 +289,17 @@ class _Compiled:
                 self = weakself()
                 fixed, it = dict(consts), iter(tensors)
                 full = tuple(fixed[i] if i in fixed else next(it) for i in range(n))
-                return self._value_and_surrogate(model, guide, full, kwargs)
+                return self._traced_step(model, guide, full, kwargs)
 
             self._compiled[key] = _Trace(step, recorder.names, self.ignore_jit_warnings,
                                          self.jit_options, self.optimize_graph)
             return loss
-        self._tracing = True
+        self._tracing, tracing = True, fn.compiled is None
         try:
             with torch.jit.optimized_execution(self.optimize_trace):
-                loss, surr = fn(*tensors)
+                outputs = fn(*tensors)
+            if tracing:
+                fn.state = self._trace_state()
         except (RuntimeError, TypeError, NotImplementedError) as e:
             del self._compiled[key]
             raise NotImplementedError(
@@ -244,8 +309,9 @@ class _Compiled:
             ) from e
         finally:
             self._tracing = False
-        if surr.requires_grad:
-            with torch.jit.optimized_execution(self.optimize_trace):
+        with torch.jit.optimized_execution(self.optimize_trace):
+            loss, surr = self._after_replay(outputs, fn.state)
+            if surr.requires_grad:
                 surr.backward(retain_graph=self.retain_graph)
         loss = loss.item()
         warn_if_nan(loss, "loss")
@@ -283,3 +349,32 @@ class JitVIMCO(_Compiled, VIMCO):
 
 class JitLocalDisARM_IWAE(_Compiled, LocalDisARM_IWAE):
     __doc__ = _doc(LocalDisARM_IWAE)
+
+
+class JitREBAR_ELBO(_Compiled, REBAR_ELBO):
+    __doc__ = _doc(REBAR_ELBO) + """
+    Compiled: the trace computes the loss, the surrogate and (``adapt=True``)
+    this step's temperatures and etas; the variance term of the adapted
+    parameters (second-order ``torch.autograd.grad``, which a trace cannot
+    record) is added after each replay, through the replayed graph.
+    """
+
+    def _traced_step(self, model, guide, args, kwargs):
+        self._psi = {}
+        try:
+            # REBAR_ELBO's step without its variance term
+            loss, surr = super(REBAR_ELBO, self)._value_and_surrogate(model, guide, args, kwargs)
+            psi = tuple(self.adapted_tensors()) if torch.is_grad_enabled() else ()
+        finally:
+            self._psi = {}
+        return (loss, surr) + psi
+
+    def _trace_state(self):
+        return list(self._guide_param_names)
+
+    def _after_replay(self, outputs, state):
+        loss, surr, *psi = outputs
+        if psi and surr.requires_grad:
+            self._guide_param_names = state
+            surr = surr + self._variance_term(surr, psi)
+        return loss, surr

@@ -16,12 +16,19 @@ import specs
 import stats
 from pyro_oracle import init_params
 from test_unbiased import check, exact_flat
-from pyro_binary_grads.compiled import ModuleNameReused
+from pyro_binary_grads.compiled import JitREBAR_ELBO, ModuleNameReused
 from pyro_binary_grads import (
+    ARM_ELBO,
+    REBAR_ELBO,
+    RLOO_ELBO,
+    VIMCO,
     DisARM_ELBO,
     JitARM_ELBO,
     JitDisARM_ELBO,
+    JitLocalDisARM_IWAE,
     JitRLOO_ELBO,
+    JitVIMCO,
+    LocalDisARM_IWAE,
 )
 
 
@@ -69,6 +76,80 @@ def test_compiled_unbiased(cls, spec_name, particles, calls, validate):
         draws = compiled_draws(elbo, spec, names, calls)
     assert len(elbo._compiled) == 1  # the steps after the first replayed a trace
     check(draws, exact, f"{cls.__name__} {spec_name}")
+
+
+REBAR_CASES = [("sbn", False, True), ("sbn", True, True), ("sbn", True, False),
+               ("two_layer", True, True)]
+
+
+@pytest.mark.parametrize(
+    "spec_name,adapt,validate", REBAR_CASES,
+    ids=[f"{s}-adapt={a}-{'validation on' if v else 'validation off'}" for s, a, v in REBAR_CASES])
+def test_compiled_rebar_unbiased(spec_name, adapt, validate):
+    """The model and guide gradients of the replayed REBAR step are the ELBO's
+    (with ``adapt=True`` the variance term, added after the replay, moves only
+    the temperature and eta)."""
+    spec = specs.SPECS[spec_name]()
+    names, exact = exact_flat(spec)
+    init_params(spec)
+    elbo = JitREBAR_ELBO(num_particles=2000, vectorize_particles=True, adapt=adapt)
+    with pyro.validation_enabled(validate):
+        draws = compiled_draws(elbo, spec, names, 30)
+    assert len(elbo._compiled) == 1
+    check(draws, exact, f"JitREBAR_ELBO(adapt={adapt}) {spec_name}")
+
+
+EAGER_VS_JIT = [
+    # (eager class, compiled class, spec, constructor kwargs)
+    (DisARM_ELBO, JitDisARM_ELBO, "sbn", {}),
+    (DisARM_ELBO, JitDisARM_ELBO, "two_layer", {}),
+    (ARM_ELBO, JitARM_ELBO, "sbn", {}),
+    (RLOO_ELBO, JitRLOO_ELBO, "two_layer", {"num_samples": 3}),
+    (VIMCO, JitVIMCO, "sbn", {"num_samples": 3}),
+    (LocalDisARM_IWAE, JitLocalDisARM_IWAE, "sbn", {"num_pairs": 2}),
+    (REBAR_ELBO, JitREBAR_ELBO, "sbn", {"adapt": False}),
+    (REBAR_ELBO, JitREBAR_ELBO, "two_layer", {}),  # adapted: variance term after the replay
+]
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
+@pytest.mark.parametrize(
+    "eager_cls,jit_cls,spec_name,kw", EAGER_VS_JIT,
+    ids=[f"{j.__name__}-{s}-{k}" for _, j, s, k in EAGER_VS_JIT])
+def test_replayed_step_equals_the_eager_step(eager_cls, jit_cls, spec_name, kw, validate):
+    """
+    With the same (fixed) noise, the replayed step returns the eager class's
+    loss and leaves in every parameter (the adapted temperature and eta
+    included) the eager class's gradient, draw for draw, not only in
+    expectation: a trace that dropped the eager step's ``torch.no_grad()``
+    regions (an extra zero-mean score term; REBAR's conditional noise
+    differentiated) fails here though its mean gradient may be exact.
+    """
+    spec = specs.SPECS[spec_name]()
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    eager = eager_cls(num_particles=4, vectorize_particles=True, **kw)
+    jit = jit_cls(num_particles=4, vectorize_particles=True, **kw)
+    store = pyro.get_param_store()
+
+    def grads(elbo):
+        for p in store.values():
+            p.unconstrained().grad = None
+        loss = elbo.loss_and_grads(model, guide, *args)
+        return loss, {k: store[k].unconstrained().grad for k in store.keys()}
+
+    with pyro.validation_enabled(validate):
+        grads(eager)  # creates REBAR's temperature and eta
+        eager.differentiable_loss(model, guide, *args)
+        eager._noise = jit._noise = dict(eager._last_evals.noise)  # one draw, used as given
+        loss_e, g_e = grads(eager)
+        for _ in range(3):  # eager, tracing, replay
+            loss_j, g_j = grads(jit)
+    assert len(jit._compiled) == 1
+    assert abs(loss_e - loss_j) < 1e-9 * (1 + abs(loss_e))
+    for k in g_e:
+        assert g_e[k] is not None and g_e[k].abs().max() > 0, k  # every parameter has a gradient
+        torch.testing.assert_close(g_j[k], g_e[k], rtol=1e-7, atol=1e-10, msg=k)
 
 
 def test_compiled_draws_fresh_noise_every_step():
