@@ -11,8 +11,12 @@ Measured 2026-12-02 (linear SBN 784-200, random binary data, batch 50, one
 thread, shared 2-core CPU, one process, 300 steps, interleaved): eager
 ``DisARM_ELBO`` 7.33 / 6.44 ms/step, traced 4.98 / 4.86 ms/step; at fixed
 parameters four traced steps give four different losses (fresh noise).
-Not checked yet: exact gradients of the traced step, ``pyro.module`` weights,
-subsampled plates, the other classes.
+Superseded by ``pyro_binary_grads.compiled`` (the ``Jit*`` classes). Kept as the
+record of the first measurement; it has the fault the library classes fixed
+(2026-12-02): ``torch.jit.trace`` drops the step's ``torch.no_grad()`` regions, so
+this replay adds a zero-mean score term to every gradient (see
+``compiled._detach_no_grad_values``), and it runs TorchScript's optimizing
+executor, slower than eager autograd on CPU (``compiled.py`` docstring).
 
     python benchmarks/jit_prototype.py
 """
