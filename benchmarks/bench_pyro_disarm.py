@@ -18,18 +18,31 @@ Reported:
   trainer's final parameters, one fixed minibatch): per-coordinate variance of
   d loss / d encoder.weight over ``--grad-draws`` draws, summed over
   coordinates, as the ratio TraceGraph_ELBO / DisARM_ELBO (and hand / DisARM);
-* the performance shape (DESIGN.md): ms/step at batch 1 (fixed overhead), and
-  the ratio ours / hand-written at batch 50 and 500; ``disarm_nosvi`` times
-  ``DisARM_ELBO.loss_and_grads`` + ``torch.optim.Adam`` without ``SVI.step``, to
-  separate the ELBO's own cost from SVI's (which TraceGraph_ELBO pays too), and
-  ``hand+traces`` the hand-written step plus Pyro's traces of the user's guide
-  and model (no ELBO), the floor of any Pyro ELBO; the overhead over the
-  hand-written step is split into these three parts.
+* the performance shape (DESIGN.md, issue 18): ms/step at batch 1, 50 and 500
+  of fresh trainers in one process, interleaved in rounds (``--shape-block``
+  steps per trainer per round, the order rotating), each trainer's first steps
+  timed apart (``JitDisARM_ELBO``: eager, tracing; ``torch.compile``: compiling).
+  Per round, each trainer's block is divided by ``hand``'s block of the same
+  round; the median and interquartile range of these ratios over the rounds are
+  printed on the wall clock and on the process's CPU time (on a shared CPU the
+  wall clock also counts the time the process waits for a core). Trainers:
+  ``hand`` (the reference), ``hand_compiled`` (its surrogate through
+  ``torch.compile``), ``jit_disarm`` / ``disarm`` (``SVI`` with
+  ``JitDisARM_ELBO`` / ``DisARM_ELBO``), ``jit_nosvi`` / ``disarm_nosvi``
+  (``loss_and_grads`` + one ``torch.optim.Adam``, no ``SVI``),
+  ``jit_disarm_oneadam`` (``SVI`` + ``JitDisARM_ELBO`` with :class:`OneAdam`, one
+  ``torch.optim.Adam`` for all parameters instead of ``pyro.optim.Adam``'s one
+  per parameter), ``svi_floor`` (``SVI.step`` with a loss that computes
+  nothing) and ``adam_only`` (the optimizer step alone): ``svi_floor -
+  adam_only`` is what ``SVI.step`` adds to any ELBO; ``hand+traces`` (the
+  hand-written step plus Pyro's traces of the user's guide and model, the floor
+  of an eager Pyro ELBO) and ``tracegraph``.
 
 Usage::
 
     python benchmarks/bench_pyro_disarm.py --steps 1000 --device cpu
     python benchmarks/bench_pyro_disarm.py --steps 2000 --device cuda
+    python benchmarks/bench_pyro_disarm.py --shape-only --threads 1   # issue 18's timing
 
 Pyro's distribution validation is off for all Pyro trainers (``--validation`` to
 turn it on); the hand-written step has none.
@@ -104,6 +117,7 @@ def handwritten_disarm_surrogate(net, x, num_data):
 
 class HandTrainer:
     name = "hand"
+    surrogate = staticmethod(handwritten_disarm_surrogate)
 
     def __init__(self, net, lr):
         self.net = net
@@ -111,16 +125,102 @@ class HandTrainer:
 
     def step(self, x, idx, num_data):
         self.opt.zero_grad(set_to_none=True)
-        surrogate, loss = handwritten_disarm_surrogate(self.net, x, num_data)
+        surrogate, loss = self.surrogate(self.net, x, num_data)
         surrogate.backward()
         self.opt.step()
         return loss.item()
 
     def encoder_grad(self, x, idx, num_data):
         self.net.zero_grad(set_to_none=True)
-        surrogate, _ = handwritten_disarm_surrogate(self.net, x, num_data)
+        surrogate, _ = self.surrogate(self.net, x, num_data)
         surrogate.backward()
         return self.net.encoder.weight.grad.detach().clone()
+
+
+class CompiledHandTrainer(HandTrainer):
+    """The hand-written step with its surrogate (forward and, through
+    AOTAutograd, backward) compiled by ``torch.compile`` (inductor, static
+    shapes: one compilation per batch size); Adam eager, as in the others."""
+
+    name = "hand_compiled"
+
+    def __init__(self, net, lr):
+        super().__init__(net, lr)
+        self.surrogate = torch.compile(handwritten_disarm_surrogate, dynamic=False)
+
+
+class AdamOnlyTrainer(HandTrainer):
+    """``torch.optim.Adam.step`` alone, on gradients left in place: the
+    hand-written step's optimizer cost (reference of ``svi_floor``)."""
+
+    name = "adam_only"
+
+    def step(self, x, idx, num_data):
+        if self.net.encoder.weight.grad is None:
+            for p in self.net.parameters():
+                p.grad = torch.full_like(p, 1e-3)
+        self.opt.step()
+        return 0.0
+
+
+class _ReadParams(pyro.infer.ELBO):
+    """A loss that only reads the SBN's parameters (``pyro.module``) and leaves
+    their gradients as they are: ``SVI.step`` with it costs SVI's own
+    bookkeeping (param capture, one ``pyro.optim`` optimizer per parameter,
+    ``zero_grads``) and nothing else."""
+
+    def __init__(self, name, net):
+        super().__init__()
+        self.name, self.net = name, net
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        pyro.module(self.name, self.net)
+        return 0.0
+
+    loss = loss_and_grads
+
+    def _get_trace(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class SviFloorTrainer(HandTrainer):
+    """``SVI.step`` with a loss that computes nothing (:class:`_ReadParams`);
+    minus ``adam_only``, the cost SVI adds to any ELBO."""
+
+    name = "svi_floor"
+
+    def __init__(self, net, lr):
+        super().__init__(net, lr)
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        model, guide = make_model_and_guide(net, name=f"sbn_floor_{id(net)}")
+        self.svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}),
+                                  _ReadParams(f"sbn_floor_{id(net)}", net))
+
+    def step(self, x, idx, num_data):
+        return self.svi.step(x, idx, num_data)
+
+
+class OneAdam(pyro.optim.PyroOptim):
+    """A ``pyro.optim`` optimizer that steps every parameter it has seen with
+    one ``torch.optim.Adam`` (a parameter group per new batch of parameters),
+    instead of ``pyro.optim.Adam``'s one ``torch.optim.Adam`` per parameter.
+    Benchmark reference only: for one model whose parameters all get a
+    gradient at every step."""
+
+    def __init__(self, optim_args):
+        super().__init__(torch.optim.Adam, optim_args)
+        self._opt, self._seen = None, set()
+
+    def __call__(self, params, *args, **kwargs):
+        new = [p for p in params if p not in self._seen]
+        if new:
+            if self._opt is None:
+                self._opt = torch.optim.Adam(new, **self.pt_optim_args)
+            else:
+                self._opt.add_param_group({"params": new})
+            self._seen.update(new)
+        self._opt.step(*args, **kwargs)
 
 
 class TracedHandTrainer(HandTrainer):
@@ -145,13 +245,14 @@ class TracedHandTrainer(HandTrainer):
 
 
 class PyroTrainer:
-    def __init__(self, name, net, elbo, lr):
+    def __init__(self, name, net, elbo, lr, optim=None):
         self.name = name
         self.net = net
         self.elbo = elbo
         # one pyro.module name per trainer instance (fresh nets per batch size)
         self.model, self.guide = make_model_and_guide(net, name=f"sbn_{name}_{id(net)}")
-        self.svi = pyro.infer.SVI(self.model, self.guide, pyro.optim.Adam({"lr": lr}), elbo)
+        optim = (optim or pyro.optim.Adam)({"lr": lr})
+        self.svi = pyro.infer.SVI(self.model, self.guide, optim, elbo)
 
     def step(self, x, idx, num_data):
         return self.svi.step(x, idx, num_data)
@@ -180,19 +281,28 @@ class ElboOnlyTrainer(PyroTrainer):
         return loss
 
 
+def _jit():
+    return JitDisARM_ELBO(max_plate_nesting=1, ignore_jit_warnings=True)
+
+
+SIMPLE = {"hand": HandTrainer, "hand+traces": TracedHandTrainer, "hand_compiled": CompiledHandTrainer,
+          "adam_only": AdamOnlyTrainer, "svi_floor": SviFloorTrainer}
+
+
 def make_trainers(base_net, lr, which):
     trainers = []
     for name in which:
         net = copy.deepcopy(base_net)
-        if name == "hand":
-            trainers.append(HandTrainer(net, lr))
-        elif name == "hand+traces":
-            trainers.append(TracedHandTrainer(net, lr))
+        if name in SIMPLE:
+            trainers.append(SIMPLE[name](net, lr))
         elif name == "disarm":
             trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "jit_disarm":
-            trainers.append(PyroTrainer("jit_disarm", net, JitDisARM_ELBO(max_plate_nesting=1,
-                                                                           ignore_jit_warnings=True), lr))
+            trainers.append(PyroTrainer("jit_disarm", net, _jit(), lr))
+        elif name == "jit_disarm_oneadam":
+            trainers.append(PyroTrainer(name, net, _jit(), lr, optim=OneAdam))
+        elif name == "jit_nosvi":
+            trainers.append(ElboOnlyTrainer(name, net, _jit(), lr))
         elif name == "disarm_nosvi":
             trainers.append(ElboOnlyTrainer("disarm_nosvi", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "tracegraph":
@@ -229,9 +339,13 @@ def sync(device):
 def interleaved(trainers, batches_fn, num_steps, block, num_data, device):
     """
     Train all ``trainers`` on the same stream, ``block`` steps each, round-robin.
-    Returns per trainer the list of block ms/step and the per-step ELBO history.
+    Returns per trainer the list of block ms/step (wall clock), the per-step
+    ELBO history, and the list of block ms/step of this process's CPU time
+    (``time.process_time``: on a shared CPU, robust to the time the process
+    waits for a core; not meaningful on a GPU).
     """
     ms = {t.name: [] for t in trainers}
+    cpu = {t.name: [] for t in trainers}
     hist = {t.name: [] for t in trainers}
     done = 0
     while done < num_steps:
@@ -240,13 +354,14 @@ def interleaved(trainers, batches_fn, num_steps, block, num_data, device):
         order = trainers[done // block % len(trainers):] + trainers[: done // block % len(trainers)]
         for t in order:  # rotate who goes first, to spread cache / frequency effects
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses = [t.step(x, idx, num_data) for idx, x in batch_list]
             sync(device)
             ms[t.name].append(1000 * (time.perf_counter() - t0) / n)
+            cpu[t.name].append(1000 * (time.process_time() - c0) / n)
             hist[t.name].extend(-loss / num_data for loss in losses)
         done += n
-    return ms, hist
+    return ms, hist, cpu
 
 
 def make_batch_fn(train, batch_size, rng, device):
@@ -281,67 +396,92 @@ def grad_variance(trainers, state, x, idx, num_data, draws):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1000, help="training steps per trainer")
-    p.add_argument("--block", type=int, default=50, help="steps per interleaved block")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--hidden", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="torch.set_num_threads (default: all cores, %(default)s)")
-    p.add_argument("--grad-draws", type=int, default=200)
-    p.add_argument("--shape-batches", type=int, nargs="*", default=None,
-                   help="batch sizes of the performance-shape timing (default 1 50 500; "
-                        "on a GPU 1 50 500 5000)")
-    p.add_argument("--shape-steps", type=int, default=200,
-                   help="timed steps per trainer and batch size in the performance shape")
-    p.add_argument("--validation", action="store_true", help="Pyro validation on")
-    p.add_argument("--out", type=Path, default=Path("out/bench"))
-    add_data_argument(p)
-    args = p.parse_args()
+SHAPE_TRAINERS = ["hand", "hand_compiled", "jit_disarm", "disarm", "jit_nosvi",
+                  "jit_disarm_oneadam", "svi_floor", "adam_only", "hand+traces",
+                  "disarm_nosvi", "tracegraph"]
+FIRST_STEPS = {"jit_disarm": ("eager", "tracing"), "jit_disarm_oneadam": ("eager", "tracing"),
+               "jit_nosvi": ("eager", "tracing"), "hand_compiled": ("compiling", "")}
 
-    torch.set_num_threads(args.threads)
-    pyro.enable_validation(args.validation)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    device = torch.device(args.device)
-    if args.shape_batches is None:
-        args.shape_batches = [1, 50, 500] + ([5000] if device.type == "cuda" else [])
-    print(f"# device: {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({torch.get_num_threads()} threads)"), flush=True)
-    rng = np.random.default_rng(args.seed)
 
-    which = ["disarm", "hand", "tracegraph"]
-    if DisARM_ELBO is None:
-        print(f"# pyro_binary_grads.DisARM_ELBO not available ({DISARM_IMPORT_ERROR}); "
-              "running hand-written and TraceGraph_ELBO only", file=sys.stderr)
-        which.remove("disarm")
+def _spread(values):
+    """(median, 25th, 75th percentile) of ``values``."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q1, q3
 
-    train = load_mnist(args.data, args.binarize, "train")
-    num_data = len(train)
-    base = SBN(train.dim, args.hidden, output_bias_init(train), centring_offset(train)).to(device)
-    x_eval = torch.as_tensor(train.fixed_binarization(2000, seed=1), device=device)
-    info = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "validation": args.validation,
-        "binarize": args.binarize,
-        "data": str(args.data),
-    }
-    print("#", json.dumps(info))
 
+def performance_shape(args, base, train, num_data, device, which):
+    """
+    ms/step of fresh trainers at each of ``--shape-batches``, in one process,
+    interleaved in blocks of ``--shape-block`` steps (the order rotates every
+    round), after each trainer's first steps (eager, tracing, compiling), timed
+    apart. Each round's block of a trainer is divided by the same round's block
+    of ``hand``: the ratios' median and interquartile range over the rounds,
+    on the wall clock and on this process's CPU time.
+    """
+    rounds = max(1, args.shape_steps // args.shape_block)
+    print(f"\n== performance shape: {rounds} rounds of {args.shape_block} steps per trainer and "
+          "batch size, interleaved; ratio to hand = median [IQR] over rounds")
+    shape = {}
+    for bs in args.shape_batches:
+        pyro.set_rng_seed(args.seed)
+        trs = make_trainers(base, args.lr, which)
+        bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
+        first = {}
+        for t in list(trs):
+            first[t.name] = []
+            for idx, xb in bf(2):
+                sync(device)
+                t0 = time.perf_counter()
+                try:
+                    t.step(xb, idx, num_data)
+                except Exception as e:  # noqa: BLE001 -- torch.compile may fail on a machine
+                    print(f"batch {bs:>4}: {t.name} failed on its first steps, left out: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    trs.remove(t)
+                    break
+                sync(device)
+                first[t.name].append(1000 * (time.perf_counter() - t0))
+        print(f"batch {bs:>4}: first steps, ms (wall): " + "; ".join(
+            f"{k} " + ", ".join(f"{v:.0f}" + (f" ({FIRST_STEPS[k][i]})" if k in FIRST_STEPS
+                                               and FIRST_STEPS[k][i] else "")
+                                for i, v in enumerate(vs))
+            for k, vs in first.items() if vs))
+        interleaved(trs, bf, 5 * len(trs), 5, num_data, device)  # warm-up
+        wall, _, cpu = interleaved(trs, bf, rounds * args.shape_block, args.shape_block,
+                                   num_data, device)
+        shape[bs] = {}
+        print(f"{'trainer':<20}{'wall ms':>9}{'ratio (wall)':>22}{'cpu ms':>9}{'ratio (cpu)':>22}")
+        for t in trs:
+            row = {"first_steps_ms": first[t.name]}
+            for clock, ms in (("wall", wall), ("cpu", cpu)):
+                row[f"{clock}_ms"] = statistics.median(ms[t.name])
+                row[f"ratio_{clock}"] = _spread([a / h for a, h in zip(ms[t.name], ms["hand"])])
+            shape[bs][t.name] = row
+            print(f"{t.name:<20}" + "".join(
+                f"{row[c + '_ms']:>9.2f}{'':>3}{row['ratio_' + c][0]:.3f} "
+                f"[{row['ratio_' + c][1]:.3f}, {row['ratio_' + c][2]:.3f}]"
+                for c in ("wall", "cpu")))
+        r = shape[bs]
+        if "svi_floor" in r and "adam_only" in r:
+            for c in ("wall", "cpu"):
+                floor = r["svi_floor"][c + "_ms"] - r["adam_only"][c + "_ms"]
+                print(f"  SVI.step's own cost ({c}; svi_floor - adam_only: param capture, one "
+                      f"optimizer per parameter, zero_grads): {floor:.2f} ms = "
+                      f"{floor / r['hand'][c + '_ms']:.3f} of hand")
+    return shape
+
+
+def train_and_compare(args, base, train, num_data, x_eval, rng, device, which):
+    """Sections 1 and 2: interleaved training at ``--batch-size`` (ms/step,
+    ELBO) and the encoder-gradient variance at the hand-written trainer's
+    final parameters."""
     # 1. Interleaved training at --batch-size.
     trainers = make_trainers(base, args.lr, which)
     batches_fn = make_batch_fn(train, args.batch_size, rng, device)
     t0 = time.perf_counter()
-    ms, hist = interleaved(trainers, batches_fn, args.steps, args.block, num_data, device)
+    ms, hist, _ = interleaved(trainers, batches_fn, args.steps, args.block, num_data, device)
     wall = time.perf_counter() - t0
     tail = max(args.block, args.steps // 10)
     results = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
@@ -392,50 +532,91 @@ def main():
         results["var_ratio_hand_over_disarm"] = gv["hand"]["var_sum"] / gv["disarm"]["var_sum"]
         print(f"variance ratio hand-written / DisARM_ELBO: {results['var_ratio_hand_over_disarm']:.2f}"
               " (should be ~1)")
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1000, help="training steps per trainer")
+    p.add_argument("--block", type=int, default=50, help="steps per interleaved block")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--hidden", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch.set_num_threads (default: all cores, %(default)s)")
+    p.add_argument("--grad-draws", type=int, default=200)
+    p.add_argument("--shape-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the performance-shape timing (default 1 50 500; "
+                        "on a GPU 1 50 500 5000)")
+    p.add_argument("--shape-steps", type=int, default=200,
+                   help="timed steps per trainer and batch size in the performance shape")
+    p.add_argument("--shape-block", type=int, default=10,
+                   help="steps per interleaved block in the performance shape (rounds = "
+                        "shape-steps / shape-block)")
+    p.add_argument("--shape-trainers", nargs="*", default=SHAPE_TRAINERS,
+                   choices=SHAPE_TRAINERS, help="trainers timed in the performance shape")
+    p.add_argument("--shape-only", action="store_true",
+                   help="only the performance shape (no training comparison, no variance)")
+    p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
+                   help="leave out the torch.compile'd hand-written step (inductor compiles "
+                        "once per batch size: minutes on a small CPU)")
+    p.add_argument("--validation", action="store_true", help="Pyro validation on")
+    p.add_argument("--out", type=Path, default=Path("out/bench"))
+    add_data_argument(p)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(args.validation)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    device = torch.device(args.device)
+    if args.shape_batches is None:
+        args.shape_batches = [1, 50, 500] + ([5000] if device.type == "cuda" else [])
+    print(f"# device: {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)"), flush=True)
+    rng = np.random.default_rng(args.seed)
+
+    which = ["disarm", "hand", "tracegraph"]
+    if DisARM_ELBO is None:
+        print(f"# pyro_binary_grads.DisARM_ELBO not available ({DISARM_IMPORT_ERROR}); "
+              "running hand-written and TraceGraph_ELBO only", file=sys.stderr)
+        which.remove("disarm")
+
+    train = load_mnist(args.data, args.binarize, "train")
+    num_data = len(train)
+    base = SBN(train.dim, args.hidden, output_bias_init(train), centring_offset(train)).to(device)
+    x_eval = torch.as_tensor(train.fixed_binarization(2000, seed=1), device=device)
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "validation": args.validation,
+        "binarize": args.binarize,
+        "data": str(args.data),
+    }
+    print("#", json.dumps(info))
+
+    results = {}
+    if not args.shape_only:
+        results = train_and_compare(args, base, train, num_data, x_eval, rng, device, which)
 
     # 3. Performance shape: ms/step at batch 1, 50, 500 (fresh trainers, interleaved).
-    print(f"\n== performance shape ({args.shape_steps} steps per trainer and batch size, "
-          f"blocks of {min(args.block, args.shape_steps)})")
-    shape = {}
-    for bs in args.shape_batches:
-        trs = make_trainers(base, args.lr, which + ["hand+traces"]
-                            + (["disarm_nosvi", "jit_disarm"] if "disarm" in which else []))
-        bf = make_batch_fn(train, bs, np.random.default_rng(args.seed + bs), device)
-        for t in trs:  # the compiled class: first (eager) and second (tracing) step apart
-            if t.name == "jit_disarm":
-                for k, (idx, xb) in enumerate(bf(2)):
-                    t0 = time.perf_counter()
-                    t.step(xb, idx, num_data)
-                    print(f"batch {bs:>4}: JitDisARM_ELBO step {k + 1} "
-                          f"({'eager' if k == 0 else 'tracing'}) {1000 * (time.perf_counter() - t0):.1f} ms")
-        interleaved(trs, bf, min(10, args.shape_steps), 10, num_data, device)  # warm-up
-        ms_bs, _ = interleaved(trs, bf, args.shape_steps, min(args.block, args.shape_steps),
-                               num_data, device)
-        shape[bs] = {k: statistics.median(v) for k, v in ms_bs.items()}
-        line = "  ".join(f"{k} {v:.2f} ms" for k, v in shape[bs].items())
-        ratios = ""
-        if "disarm" in shape[bs]:
-            ratios = f"  ours/hand {shape[bs]['disarm'] / shape[bs]['hand']:.2f}"
-        if "disarm_nosvi" in shape[bs]:
-            ratios += f"  (loss_and_grads+Adam)/hand {shape[bs]['disarm_nosvi'] / shape[bs]['hand']:.2f}"
-        if "jit_disarm" in shape[bs]:
-            ratios += f"  JitDisARM_ELBO(SVI)/hand {shape[bs]['jit_disarm'] / shape[bs]['hand']:.2f}"
-        ratios += f"  tracegraph/hand {shape[bs]['tracegraph'] / shape[bs]['hand']:.2f}"
-        print(f"batch {bs:>4}: {line}\n            {ratios}")
-        if "disarm" in shape[bs] and bs == min(args.shape_batches):
-            # at batch 1 the traces' forward passes cost next to nothing: the split
-            # is of Python time (at larger batches hand+traces also repeats compute)
-            t = shape[bs]
-            print(f"            fixed overhead over hand, ms: Pyro's traces of the user's model and guide "
-                  f"{t['hand+traces'] - t['hand']:.2f}, DisARM_ELBO's own "
-                  f"{t['disarm_nosvi'] - t['hand+traces']:.2f}, SVI.step's (param capture, "
-                  f"per-parameter optimizers) {t['disarm'] - t['disarm_nosvi']:.2f}")
+    shape_which = [t for t in args.shape_trainers if t != "hand_compiled" or args.torch_compile]
+    if DisARM_ELBO is None:
+        shape_which = [t for t in shape_which if "disarm" not in t]
+    shape = performance_shape(args, base, train, num_data, device, shape_which)
     results["shape_ms_per_step"] = shape
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"bench_pyro_disarm_{args.device}.json", "w") as fh:
+    out = args.out / f"bench_pyro_disarm_{args.device}{'_shape' if args.shape_only else ''}.json"
+    with open(out, "w") as fh:
         json.dump({**info, **results}, fh, indent=1)
-    print(json.dumps({**info, **results}))
+    print(f"# written: {out}")
 
 
 if __name__ == "__main__":
