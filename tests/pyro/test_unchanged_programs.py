@@ -6,6 +6,8 @@ with nothing to estimate return what ``Trace_ELBO`` returns.
 """
 
 import copy
+import itertools
+import math
 import pickle
 import warnings
 
@@ -15,12 +17,13 @@ import torch
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 import stats
 from pyro_oracle import exact_elbo
-from test_unbiased import Exact, check, flat_grads
+from test_unbiased import Exact, check, coordinate_labels, flat_grads
 import pyro_binary_grads as bg
 from pyro_binary_grads import ARM_ELBO, DisARM_ELBO, RLOO_ELBO, VIMCO
 
@@ -141,7 +144,7 @@ def exact_of(model, guide, exact_fn=None):
         for k, g in zip(names, grads)
     ])
     guide_mask = np.concatenate([np.full(store[k].numel(), k.startswith("q_")) for k in names])
-    return names, Exact(flat, guide_mask)
+    return names, Exact(flat, guide_mask, coordinate_labels({k: store[k].shape for k in names}))
 
 
 def draws_of(elbo, model, guide, names, calls, *args):
@@ -194,85 +197,119 @@ def test_guide_global_site_from_a_sum_runs_sequentially(validation):
 # ---------------------------------------------------------------------------
 
 
-def tree():
+def path_log_weights(model, guide, paths, *args):
+    """Exact enumeration by hand for programs the vectorized oracle cannot
+    run (dynamic structure, no broadcasting): ``paths`` lists every value
+    assignment ``{site: value}`` of the guide's discrete sites (a site absent
+    from a path does not run on it). Returns the guide log-probabilities
+    ``log q`` and log-weights ``f = log p - log q`` of the paths, both
+    differentiable in the param store; ``sum(exp(log q)) = 1`` is asserted."""
+    lq, f = [], []
+    for values in paths:
+        data = {k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in values.items()}
+        g = poutine.trace(poutine.condition(guide, data=data)).get_trace(*args)
+        m = poutine.trace(poutine.condition(model, data=data)).get_trace(*args)
+        ran = {n for n, site in g.nodes.items() if site["type"] == "sample"}
+        assert ran == set(values), (ran, values)  # a path names exactly the sites that ran
+        q = g.log_prob_sum()
+        lq.append(q)
+        f.append(m.log_prob_sum() - q)
+    lq, f = torch.stack(lq), torch.stack(f)
+    assert abs(lq.exp().sum().item() - 1) < 1e-12
+    return lq, f
+
+
+def exact_elbo_over_paths(lq, f):
+    return (lq.exp() * f).sum()
+
+
+def exact_iwae_over_paths(lq, f, K):
+    """:math:`E[\\log \\frac1K \\sum_k w_k]` over K i.i.d. paths, summed over
+    the counts :math:`n_i` of each path (multinomial weights):
+    :math:`\\sum_n \\binom{K}{n} \\prod_i q_i^{n_i}
+    (\\operatorname{logsumexp}_i(\\log n_i + f_i) - \\log K)`."""
+    m, total = len(f), 0.0
+    for n in itertools.product(range(K + 1), repeat=m - 1):
+        if sum(n) > K:
+            continue
+        n = n + (K - sum(n),)
+        counts = torch.tensor(n, dtype=f.dtype)
+        log_coef = math.lgamma(K + 1) - sum(math.lgamma(c + 1) for c in n)
+        log_w = log_coef + (counts * lq).sum()
+        bound = torch.logsumexp(counts.log() + f, 0) - math.log(K)
+        total = total + log_w.exp() * bound
+    return total
+
+
+#: tree parameters, chosen for power per draw (simulated, then measured):
+#: for the pair estimators P(b0 = 1) = 0.69 and a1 = 0 (b1's antithetic pair
+#: always differs), so both logits reach the power rule in ~4,500 (DisARM) or
+#: ~6,000 (ARM) draws: q_a1's estimate is nonzero only when b0 = 1, q_a0's only
+#: when b0's pair differs; for RLOO a larger effect of b1 and 16 samples; for
+#: VIMCO (whose K-sample bound has smaller guide gradients the larger K) 2 samples
+TREE_PAIR = dict(a0=0.8, a1=0.0, p0=0.2, p1=-0.1, w0=2.0, w1=3.0, x=4.0)
+TREE_RLOO = dict(a0=0.6, a1=1.0, p0=0.2, p1=-0.1, w0=1.0, w1=0.5, x=-1.0)
+TREE_VIMCO = dict(a0=1.0, a1=0.0, p0=-1.0, p1=1.0, w0=0.5, w1=1.0, x=6.0)
+TREE_PATHS = [{"b0": 0.0}, {"b0": 1.0, "b1": 0.0}, {"b0": 1.0, "b1": 1.0}]
+
+
+def tree(a0=0.05, a1=0.05, p0=0.2, p1=-0.1, w0=1.5, w1=1.5, x=2.5):
+    """b1 exists only when b0 = 1 (``if b0.item() == 1:``) in guide and model."""
+
     def guide():
-        a0 = pyro.param("q_a0", torch.tensor(0.05))
-        a1 = pyro.param("q_a1", torch.tensor(0.05))
-        b0 = pyro.sample("b0", dist.Bernoulli(logits=a0))
+        q0 = pyro.param("q_a0", torch.tensor(a0))
+        q1 = pyro.param("q_a1", torch.tensor(a1))
+        b0 = pyro.sample("b0", dist.Bernoulli(logits=q0))
         if b0.item() == 1:
-            pyro.sample("b1", dist.Bernoulli(logits=a1))
+            pyro.sample("b1", dist.Bernoulli(logits=q1))
 
     def model():
-        p0 = pyro.param("p_p0", torch.tensor(0.2))
-        p1 = pyro.param("p_p1", torch.tensor(-0.1))
-        mu = pyro.param("p_mu", torch.tensor(1.5))
-        b0 = pyro.sample("b0", dist.Bernoulli(logits=p0))
-        s = b0
+        r0 = pyro.param("p_p0", torch.tensor(p0))
+        r1 = pyro.param("p_p1", torch.tensor(p1))
+        mu0 = pyro.param("p_w0", torch.tensor(w0))
+        mu1 = pyro.param("p_w1", torch.tensor(w1))
+        b0 = pyro.sample("b0", dist.Bernoulli(logits=r0))
+        mean = mu0 * b0 - 0.5
         if b0.item() == 1:
-            s = s + pyro.sample("b1", dist.Bernoulli(logits=p1))
-        pyro.sample("x", dist.Normal(mu * s - 0.5, 1.0), obs=torch.tensor(2.5))
+            mean = mean + mu1 * pyro.sample("b1", dist.Bernoulli(logits=r1))
+        pyro.sample("x", dist.Normal(mean, 1.0), obs=torch.tensor(x))
 
     return model, guide
 
 
-def _tree_log_weights():
-    """The three paths (b0, b1) = (0, -), (1, 0), (1, 1): their guide
-    probabilities and log-weights log p - log q."""
-    store = pyro.get_param_store()
-    a0, a1 = store["q_a0"], store["q_a1"]
-    p0, p1, mu = store["p_p0"], store["p_p1"], store["p_mu"]
-    lq, lp, s = [], [], []
-    for b0, b1 in [(0.0, None), (1.0, 0.0), (1.0, 1.0)]:
-        q = dist.Bernoulli(logits=a0).log_prob(torch.tensor(b0))
-        p = dist.Bernoulli(logits=p0).log_prob(torch.tensor(b0))
-        if b1 is not None:
-            q = q + dist.Bernoulli(logits=a1).log_prob(torch.tensor(b1))
-            p = p + dist.Bernoulli(logits=p1).log_prob(torch.tensor(b1))
-        total = b0 + (b1 or 0.0)
-        p = p + dist.Normal(mu * total - 0.5, 1.0).log_prob(torch.tensor(2.5))
-        lq.append(q)
-        lp.append(p)
-    lq, lp = torch.stack(lq), torch.stack(lp)
-    return lq, lp - lq
+def tree_exact(model, guide, K=None):
+    lq, f = path_log_weights(model, guide, TREE_PATHS)
+    return exact_elbo_over_paths(lq, f) if K is None else exact_iwae_over_paths(lq, f, K)
 
 
-def tree_elbo():
-    lq, f = _tree_log_weights()
-    return (lq.exp() * f).sum()
+TREE_CASES = [
+    # (class, parameters, constructor kwargs, calls, validation); num_particles=10
+    # draws per call (a loop: the guide calls .item()) amortize the backward pass
+    (DisARM_ELBO, TREE_PAIR, dict(num_particles=10), 550, True),
+    (DisARM_ELBO, TREE_PAIR, dict(num_particles=10), 550, False),
+    (ARM_ELBO, TREE_PAIR, dict(num_particles=10), 750, True),
+    (ARM_ELBO, TREE_PAIR, dict(num_particles=10), 750, False),
+    (RLOO_ELBO, TREE_RLOO, dict(num_samples=16), 450, False),
+    (VIMCO, TREE_VIMCO, dict(num_samples=2, num_particles=10), 1000, False),
+]
 
 
-def tree_iwae2():
-    lq, f = _tree_log_weights()
-    w = lq[:, None] + lq[None, :]
-    bound = torch.logsumexp(torch.stack([f[:, None].expand(3, 3), f[None, :].expand(3, 3)]), 0)
-    return (w.exp() * (bound - np.log(2))).sum()
-
-
-@pytest.mark.parametrize("Elbo,calls,powered,validation", [
-    (DisARM_ELBO, 500, True, True), (DisARM_ELBO, 500, True, False),
-    (RLOO_ELBO, 300, False, False), (VIMCO, 300, False, False)])
-def test_tree_structure_is_unbiased(Elbo, calls, powered, validation):
-    """Exact enumeration of the three paths. RLOO and VIMCO (score-function
-    estimators) would need about 10x the draws for the power rule here: for
-    them the 5-SE check runs without it (their dynamic-structure power is in
-    the sequential-plate test)."""
-    model, guide = tree()
+@pytest.mark.parametrize("Elbo,params,kwargs,calls,validation", TREE_CASES,
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_tree_structure_is_unbiased(Elbo, params, kwargs, calls, validation):
+    """Exact enumeration of the three paths (b0, b1) = (0, -), (1, 0), (1, 1)
+    (VIMCO: of its K-sample bound); powered on both logits: q_a1 (the site
+    that exists only when b0 = 1) and q_a0 (whose flipped or resampled
+    evaluations add or remove b1)."""
+    model, guide = tree(**params)
     with pyro.validation_enabled(validation):
-        pyro.clear_param_store()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Trace_ELBO().loss(model, guide)  # creates the params
-            model()  # creates p_p1 even when b0 = 0
-            pyro.param("q_a1", torch.tensor(0.05))
-        exact_fn = tree_iwae2 if Elbo is VIMCO else tree_elbo
-        names, exact = exact_of(model, guide, exact_fn)
-        elbo = Elbo(num_particles=2) if Elbo in (RLOO_ELBO, VIMCO) else Elbo()
+        K = kwargs["num_samples"] if Elbo is VIMCO else None
+        names, exact = exact_of(model, guide, lambda: tree_exact(model, guide, K))
+        elbo = Elbo(**kwargs)
         with pytest.warns(UserWarning, match="sequentially"):
             draws = draws_of(elbo, model, guide, names, calls)
-    if powered:
-        check(draws, exact, f"{Elbo.__name__} tree validation={validation}")
-    else:
-        stats.check_unbiased(draws, np.asarray(exact))
+    check(draws, exact, f"{Elbo.__name__} tree validation={validation}",
+          powered=["q_a0", "q_a1"])
 
 
 # ---------------------------------------------------------------------------
@@ -498,3 +535,66 @@ def test_zero_initialised_weight_cannot_hide_mixing(validate):
         with pytest.warns(UserWarning, match="does not broadcast"):
             DisARM_ELBO().differentiable_loss(model, guide)
     assert float(pyro.param("p_mu")) == 0.0  # the perturbation did not touch the store
+
+
+# ---------------------------------------------------------------------------
+# sequential path: a continuous guide site after the discrete one
+# ---------------------------------------------------------------------------
+
+
+def discrete_then_continuous():
+    """b, then a reparameterized z whose location depends on b."""
+
+    def guide():
+        a = pyro.param("q_a", torch.tensor(0.1))
+        m = pyro.param("q_m", torch.tensor(0.2))
+        c = pyro.param("q_c", torch.tensor(1.5))
+        b = pyro.sample("b", dist.Bernoulli(logits=a))
+        pyro.sample("z", dist.Normal(m + c * b, 0.8))
+
+    def model():
+        p = pyro.param("p_p", torch.tensor(-0.2))
+        b = pyro.sample("b", dist.Bernoulli(logits=p))
+        z = pyro.sample("z", dist.Normal(3.0 * b, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=torch.tensor(3.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_sequential_path_can_share_continuous_noise(validation, monkeypatch):
+    """With ``sequential.SHARE_CONTINUOUS_NOISE`` (off by default), z is drawn
+    again after b's flip at its new location from the same base noise:
+    (z_e - loc_e) / 0.8 is equal in both evaluations, and the gradient stays
+    exact (5 SE, powered on q_a). The per-coordinate guide-gradient variance
+    ratio fresh / shared is printed (measured: q_a 8.94, q_c 1.04, q_m 0.54:
+    the logit's variance falls, the pathwise q_m's rises, the two
+    evaluations' pathwise terms being correlated)."""
+    import pyro_binary_grads.sequential as sequential
+
+    model, guide = discrete_then_continuous()
+    monkeypatch.setattr(sequential, "SHARE_CONTINUOUS_NOISE", True)
+    with pyro.validation_enabled(validation):
+        names, exact = exact_of(model, guide, lambda: exact_elbo(model, guide))
+        elbo = DisARM_ELBO(vectorize=False)
+        for _ in range(5):
+            elbo.differentiable_loss(model, guide)
+            g0, g1 = elbo._last_evals.guide_traces
+            eps = [(t.nodes["z"]["value"] - t.nodes["z"]["fn"].loc) / 0.8 for t in (g0, g1)]
+            assert g0.nodes["b"]["value"] != g1.nodes["b"]["value"]  # logit 0.1: always flipped
+            torch.testing.assert_close(eps[0], eps[1], rtol=0, atol=1e-12)
+        variances = {}
+        for share in (True, False):
+            monkeypatch.setattr(sequential, "SHARE_CONTINUOUS_NOISE", share)
+            pyro.set_rng_seed(0)
+            draws = draws_of(DisARM_ELBO(vectorize=False, num_particles=10), model, guide,
+                             names, 200)
+            variances[share] = draws.var(0, ddof=1)
+            if share:
+                check(draws, exact, f"shared continuous noise validation={validation}",
+                      powered=["q_a"])
+            else:
+                stats.check_unbiased(draws, np.asarray(exact))
+    ratio = variances[False] / variances[True]
+    print("variance fresh / shared:",
+          {lab: round(float(r), 2) for lab, r, g in zip(exact.labels, ratio, exact.guide) if g})
