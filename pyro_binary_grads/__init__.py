@@ -20,6 +20,7 @@ from .compiled import (
     JitARM_ELBO,
     JitDisARM_ELBO,
     JitLocalDisARM_IWAE,
+    JitREBAR_ELBO,
     JitRLOO_ELBO,
     JitVIMCO,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "JitARM_ELBO",
     "JitDisARM_ELBO",
     "JitLocalDisARM_IWAE",
+    "JitREBAR_ELBO",
     "JitRLOO_ELBO",
     "JitVIMCO",
     "LocalDisARM_IWAE",

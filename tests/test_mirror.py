@@ -10,7 +10,8 @@ import pyro_binary_grads
 
 #: Pyro's compiled classes (Pyro's JitTrace_ELBO naming); NumPyro steps are
 #: compiled with jax.jit, so it has none
-PYRO_ONLY = {"JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE"}
+PYRO_ONLY = {"JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE",
+             "JitREBAR_ELBO"}
 
 
 def test_same_public_names():
