@@ -24,6 +24,8 @@ import pyro
 import pyro.poutine as poutine
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
+from binary_grads_common.arguments import check_count
+
 from . import estimators
 from .elbo import SiteELBO
 from .plans import Plan
@@ -166,9 +168,7 @@ class VIMCO(_MultiSampleELBO):
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, num_samples=2, vectorize=True, **kwargs):
-        if num_samples < 2:
-            raise ValueError(f"VIMCO needs num_samples >= 2, got {num_samples}.")
-        self.num_samples = num_samples
+        self.num_samples = check_count("VIMCO", "num_samples", num_samples, minimum=2)
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
 
@@ -225,9 +225,7 @@ class LocalDisARM_IWAE(_MultiSampleELBO):
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, num_pairs=1, vectorize=True, **kwargs):
-        if num_pairs < 1:
-            raise ValueError(f"LocalDisARM_IWAE needs num_pairs >= 1, got {num_pairs}.")
-        self.num_pairs = num_pairs
+        self.num_pairs = check_count("LocalDisARM_IWAE", "num_pairs", num_pairs)
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
 

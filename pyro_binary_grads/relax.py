@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import pyro
 
+from binary_grads_common.arguments import check_count
+
 from .relaxed import REBAR_ELBO, perturbed_logits
 
 __all__ = ["ControlVariateNet", "RELAX_ELBO"]
@@ -89,7 +91,7 @@ class RELAX_ELBO(REBAR_ELBO):
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, control_variate=None, hidden_size=137,
                  temperature=0.5, eta=1.0, adapt=True, vectorize=True, **kwargs):
-        self.hidden_size = hidden_size
+        self.hidden_size = check_count("RELAX_ELBO", "hidden_size", hidden_size)
         self._nets = {}
         self._user_nets = control_variate
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,

@@ -35,6 +35,7 @@ import copy
 import gc
 import math
 import os
+import pickle
 import sys
 
 import jax
@@ -183,7 +184,7 @@ def pyro_draws(elbo, dtype, logits=LOGITS, num_calls=16, seed=0):
         rows.append(np.concatenate([
             np.zeros(p.numel()) if g is None else g.detach().double().flatten().numpy()
             for p, g in zip(params, grads)]))
-        losses.append(float(loss))
+        losses.append(loss.item())
     return np.asarray(losses), np.stack(rows)
 
 
@@ -329,7 +330,7 @@ PYRO_CLASSES = [pbg.ARM_ELBO, pbg.DisARM_ELBO, pbg.RLOO_ELBO, pbg.VIMCO, pbg.Loc
 PYRO_IDS = [c.__name__ for c in PYRO_CLASSES]
 
 
-@pytest.mark.parametrize("value", [0, -1])
+@pytest.mark.parametrize("value", [0, -1, 2.5, "2", None, True])
 @pytest.mark.parametrize("cls", PYRO_CLASSES, ids=PYRO_IDS)
 def test_pyro_bad_num_particles(cls, value):
     with pytest.raises(ValueError, match=f"{cls.__name__} needs .*num_particles"):
@@ -337,9 +338,31 @@ def test_pyro_bad_num_particles(cls, value):
 
 
 @pytest.mark.parametrize("arg", ["vectorize", "vectorize_particles"])
-def test_pyro_bad_string_flags(arg):
-    with pytest.raises(ValueError, match=f"DisARM_ELBO needs {arg}=True or False.*'yes'"):
-        pbg.DisARM_ELBO(**{arg: "yes"})
+@pytest.mark.parametrize("cls", PYRO_CLASSES, ids=PYRO_IDS)
+def test_pyro_bad_string_flags(cls, arg):
+    with pytest.raises(ValueError, match=f"{cls.__name__} needs {arg}=True or False.*'yes'"):
+        cls(**{arg: "yes"})
+
+
+@pytest.mark.parametrize("cls,arg,value", [
+    (pbg.RLOO_ELBO, "num_samples", 1),
+    (pbg.VIMCO, "num_samples", 0),
+    (pbg.VIMCO, "num_samples", "4"),
+    (pbg.VIMCO, "num_samples", 2.5),
+    (pbg.LocalDisARM_IWAE, "num_pairs", 0),
+    (pbg.LocalDisARM_IWAE, "num_pairs", "2"),
+    (pbg.LocalDisARM_IWAE, "num_pairs", 1.5),
+    (pbg.RELAX_ELBO, "hidden_size", 0),
+    (pbg.RELAX_ELBO, "hidden_size", "3"),
+    (pbg.GumbelRao_ELBO, "num_samples", "3"),
+    (pbg.REBAR_ELBO, "temperature", "0.5"),
+    (pbg.RELAX_ELBO, "adapt", "no"),
+])
+def test_pyro_bad_counts_and_flags(cls, arg, value):
+    """As NumPyro's (tests/numpyro/test_numpyro_edge.py::test_bad_counts_and_flags):
+    a ValueError at construction naming the class and the argument."""
+    with pytest.raises(ValueError, match=f"{cls.__name__} needs .*{arg}"):
+        cls(**{arg: value})
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=1e-8, adapt=False),
@@ -363,6 +386,29 @@ def _pyro_scalar(site):
     return model, guide
 
 
+@pytest.mark.parametrize("cls", [pbg.REBAR_ELBO, pbg.RELAX_ELBO], ids=lambda c: c.__name__)
+def test_pyro_adapted_temperature_stays_above_the_bound(cls):
+    """The adapted temperature's param carries the constraint
+    ``greater_than(TEMPERATURE_MIN)``: every unconstrained value (as the
+    optimizer moves it) maps to a finite temperature >= TEMPERATURE_MIN; the
+    initial value is the constructor's. (The edges 1e-2 and 1e4 are checked
+    against the exact gradient in tests/pyro/test_relaxed.py::test_rebar_unbiased.)"""
+    from pyro_binary_grads.relaxed import TEMPERATURE_MIN
+
+    pyro.clear_param_store()
+    elbo = cls()
+    model, guide = _pyro_scalar("b")
+    svi = pyro.infer.SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-2}), elbo)
+    svi.step()
+    store = pyro.get_param_store()
+    name = "_bg_b_temperature"
+    transform = torch.distributions.biject_to(store._constraints[name])
+    lam = transform(torch.tensor([-1e4, -50.0, 0.0, 50.0], dtype=torch.float64))
+    assert torch.all(lam >= TEMPERATURE_MIN) and torch.all(torch.isfinite(lam))
+    assert lam[0].item() == TEMPERATURE_MIN
+    assert abs(store[name].item() - 0.5) < 0.05  # one step of lr 1e-2 from 0.5
+
+
 def test_pyro_rebar_reuse_after_clear_and_on_a_second_model():
     elbo = pbg.REBAR_ELBO()
     for site in ("b", "b", "c"):  # the same model after clear_param_store, then another
@@ -372,13 +418,14 @@ def test_pyro_rebar_reuse_after_clear_and_on_a_second_model():
         assert math.isfinite(svi.step())
 
 
-def test_pyro_rebar_deepcopy_after_a_step():
+def test_pyro_rebar_deepcopy_and_pickle_after_a_step():
     pyro.clear_param_store()
     elbo = pbg.REBAR_ELBO()
     model, guide = _pyro_scalar("b")
     svi = pyro.infer.SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 1e-2}), elbo)
     svi.step()
-    copy.deepcopy(elbo)
+    for clone in (copy.deepcopy(elbo), pickle.loads(pickle.dumps(elbo))):
+        assert math.isfinite(svi.step()) and math.isfinite(clone.loss(model, elbo.wrap_guide(guide)))
 
 
 @pytest.mark.parametrize("validate", [True, False], ids=["validation", "no-validation"])
