@@ -456,3 +456,72 @@ def test_pyro_probs_exactly_zero_or_one(cls):
         (g,) = torch.autograd.grad(loss, [h])
         assert math.isfinite(float(loss))
         assert torch.equal(g, torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------
+# 5. the troubleshooting page lists every error
+# ---------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ["pyro_binary_grads", "numpyro_binary_grads", "binary_grads_common"]
+# caught inside the packages (documented as internal at the end of the page)
+INTERNAL = {"StructureChanged", "NotBroadcasting", "KeyError"}
+
+
+def _normalize(text):
+    return " ".join(text.replace("`", "").split())
+
+
+def _message_starts():
+    """``(file:line, start)`` of every message raised or warned by the
+    packages: the first literal part (>= 6 non-blank characters) of the
+    message, 30 characters at most, placeholders (``{owner}``) dropped."""
+    import ast
+
+    found = []
+    for pkg in PACKAGES:
+        folder = os.path.join(ROOT, pkg)
+        for fname in sorted(os.listdir(folder)):
+            if not fname.endswith(".py"):
+                continue
+            path = os.path.join(folder, fname)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                    call = node.exc
+                    name = getattr(call.func, "id", getattr(call.func, "attr", ""))
+                    if name in INTERNAL:
+                        continue
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and node.func.attr == "warn"):
+                    call = node
+                else:
+                    continue
+                if not call.args:
+                    continue
+                arg = call.args[0]
+                parts = arg.values if isinstance(arg, ast.JoinedStr) else [arg]
+                chunks = [_normalize(p.value) for p in parts
+                          if isinstance(p, ast.Constant) and isinstance(p.value, str)]
+                chunks = [c for c in chunks if len(c.replace(" ", "")) >= 6]
+                if chunks:
+                    found.append((f"{pkg}/{fname}:{node.lineno}", chunks[0][:30].rstrip(". ")))
+    return found
+
+
+def _unlisted(starts):
+    with open(os.path.join(ROOT, "docs", "troubleshooting.rst")) as f:
+        page = _normalize(f.read())
+    return [(where, start) for where, start in starts if start not in page]
+
+
+def test_troubleshooting_page_lists_every_error():
+    """Every error and warning message of both packages (and of their shared
+    argument checks) is quoted, by its start, in docs/troubleshooting.rst;
+    the check fails on a message the page does not list."""
+    starts = _message_starts()
+    assert len(starts) > 60, starts  # the walk finds the messages
+    missing = _unlisted(starts)
+    assert not missing, f"not in docs/troubleshooting.rst: {missing}"
+    assert _unlisted([("made up", "an error the page does not list")])
