@@ -272,3 +272,172 @@ def test_param_created_after_the_first_step_names_it():
     late[0] = True
     with pytest.raises(NotImplementedError, match="'late' after its first step.*Use DisARM_ELBO"):
         elbo.loss_and_grads(model, guide)  # traces
+
+
+# -- pyro_binary_grads.optim: one torch optimizer for SVI ---------------------
+
+
+def _optim_program(phase):
+    """Model and guide with a ``pyro.module`` encoder, a ``pyro.param`` that a
+    step may read without using (``phase[0] == 1``: its gradient is None at
+    that step) and one created at step 3 (``phase[0] >= 2``)."""
+    enc = Encoder()
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+            pyro.sample("x", dist.Normal(b.sum(-1, keepdim=True), 1.0).to_event(1), obs=x[..., :1])
+
+    def guide(x):
+        pyro.module("enc", enc)
+        s = pyro.param("s", torch.full((3,), 0.5), constraint=dist.constraints.positive)
+        logits = enc(x) * (1.0 if phase[0] == 1 else s)  # phase 1: s read, unused
+        if phase[0] >= 2:
+            logits = logits + pyro.param("late", torch.zeros(3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=logits).to_event(1))
+
+    return model, guide, enc
+
+
+def _trajectory(make_optim, steps=8, state=None, elbo=DisARM_ELBO):
+    """Parameters after ``steps`` SVI steps from a fixed start and seed; the
+    optimizer's state at the end (``state``: loaded before the first step)."""
+    pyro.clear_param_store()
+    torch.manual_seed(1)
+    model, guide, _ = _optim_program(phase := [0])
+    x = torch.randn(10, 4)
+    optim = make_optim()
+    if state is not None:
+        optim.set_state(state)
+    svi = pyro.infer.SVI(model, guide, optim, elbo())
+    pyro.set_rng_seed(0)
+    for i in range(steps):
+        phase[0] = {2: 1, 3: 1}.get(i, 0 if i < 2 else 2)  # s unused at steps 2-3, late from 4
+        svi.step(x)
+    store = pyro.get_param_store()
+    return {k: store[k].detach().clone() for k in store.keys()}, optim
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14, msg=k)
+
+
+@pytest.mark.parametrize("args,clip", [
+    ({"lr": 0.05}, None),
+    ({"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.01}, {"clip_norm": 0.5}),
+    (lambda name: {"lr": 0.1 if "late" in name else 0.03}, None),
+], ids=["dict", "dict+clip", "per-parameter"])
+def test_shared_adam_follows_pyro_adam(args, clip):
+    """Step for step the update of pyro.optim.Adam (one torch Adam per
+    parameter): parameters created at a later step join, a parameter read
+    without a gradient moves on its moments (zero gradient) as with Pyro."""
+    from pyro_binary_grads.optim import Adam
+
+    ref, _ = _trajectory(lambda: pyro.optim.Adam(args, clip))
+    ours, optim = _trajectory(lambda: Adam(args, clip))
+    _assert_same(ours, ref)
+    assert len({id(o) for o in optim.optim_objs.values()}) == 1  # one torch optimizer
+    assert len(optim.optim_objs) == 4  # enc.lin.weight, enc.lin.bias, s, late (from step 5)
+    assert all(p.grad is None for p in optim.optim_objs)  # zero_grads had nothing to do
+
+
+def test_shared_adam_with_a_compiled_elbo():
+    from pyro_binary_grads.optim import Adam
+
+    def traj(make_optim):
+        pyro.clear_param_store()
+        torch.manual_seed(1)
+        model, guide, _ = _optim_program([0])
+        x = torch.randn(10, 4)
+        elbo = JitDisARM_ELBO()
+        svi = pyro.infer.SVI(model, guide, make_optim(), elbo)
+        pyro.set_rng_seed(0)
+        losses = [svi.step(x) for _ in range(6)]
+        assert len(elbo._compiled) == 1 and elbo._compiled[next(iter(elbo._compiled))].compiled
+        store = pyro.get_param_store()
+        return losses, {k: store[k].detach().clone() for k in store.keys()}
+
+    ref_losses, ref = traj(lambda: pyro.optim.Adam({"lr": 0.05}))
+    losses, ours = traj(lambda: Adam({"lr": 0.05}))
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    _assert_same(ours, ref)
+
+
+def _split_run(save_with, load_with, tmp_path, load_state=True):
+    """Four SVI steps, the parameters and the optimizer saved (``save_with``),
+    both loaded in a fresh start (``load_with``), four more steps. Returns the
+    parameters at the end."""
+    from pyro_binary_grads.optim import Adam
+
+    make = {"pyro": lambda: pyro.optim.Adam({"lr": 0.05}), "ours": lambda: Adam({"lr": 0.05})}
+    torch.manual_seed(1)
+    x, w0 = torch.randn(10, 4), torch.randn(4, 3)
+    phase = [0]
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+            pyro.sample("x", dist.Normal(b.sum(-1, keepdim=True), 1.0).to_event(1), obs=x[..., :1])
+
+    def guide(x):
+        logits = x @ pyro.param("w", w0) * pyro.param("s", torch.ones(3),
+                                                       constraint=dist.constraints.positive)
+        if phase[0]:
+            logits = logits + pyro.param("late", torch.zeros(3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=logits).to_event(1))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    optim = make[save_with]()
+    svi = pyro.infer.SVI(model, guide, optim, DisARM_ELBO())
+    for i in range(4):
+        phase[0] = i >= 2
+        svi.step(x)
+    optim.save(tmp_path / "optim.pt")
+    params = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(params)
+    optim = make[load_with]()
+    if load_state:
+        optim.load(tmp_path / "optim.pt")
+    svi = pyro.infer.SVI(model, guide, optim, DisARM_ELBO())
+    for _ in range(4):
+        svi.step(x)
+    store = pyro.get_param_store()
+    return {k: store[k].detach().clone() for k in store.keys()}
+
+
+@pytest.mark.parametrize("save_with,load_with", [("pyro", "ours"), ("ours", "pyro"), ("ours", "ours")])
+def test_shared_adam_state_round_trip(save_with, load_with, tmp_path):
+    """get_state / save is Pyro's format (one state dict per parameter name):
+    either optimizer saves, either loads, and the run goes on as Pyro's own."""
+    ref = _split_run("pyro", "pyro", tmp_path)
+    _assert_same(_split_run(save_with, load_with, tmp_path), ref)
+    fresh = _split_run(save_with, load_with, tmp_path, load_state=False)
+    assert not torch.allclose(fresh["w"], ref["w"])  # the loaded moments mattered
+
+
+def test_shared_adam_loaded_state_keeps_its_learning_rate(tmp_path):
+    """A parameter whose saved hyperparameters differ from the optimizer's
+    gets a group of its own with them."""
+    from pyro_binary_grads.optim import Adam
+
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    store = pyro.get_param_store()
+    store["a"], store["b"] = a, b
+    a, b = store["a"].unconstrained(), store["b"].unconstrained()
+    saved = pyro.optim.Adam(lambda name: {"lr": 0.5 if name == "a" else 0.1})
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    saved({a, b})
+    ours = Adam({"lr": 0.1})
+    ours.set_state(saved.get_state())
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    ours({a, b})
+    groups = ours.optimizer.param_groups
+    assert sorted((g["lr"], len(g["params"])) for g in groups) == [(0.1, 1), (0.5, 1)]
+    assert ours.get_state()["a"]["param_groups"][0]["lr"] == 0.5
+    assert int(ours.get_state()["b"]["state"][0]["step"]) == 2
