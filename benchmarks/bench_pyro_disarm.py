@@ -30,13 +30,17 @@ Reported:
   ``torch.compile``), ``jit_disarm`` / ``disarm`` (``SVI`` with
   ``JitDisARM_ELBO`` / ``DisARM_ELBO``), ``jit_nosvi`` / ``disarm_nosvi``
   (``loss_and_grads`` + one ``torch.optim.Adam``, no ``SVI``),
-  ``jit_disarm_oneadam`` (``SVI`` + ``JitDisARM_ELBO`` with :class:`OneAdam`, one
-  ``torch.optim.Adam`` for all parameters instead of ``pyro.optim.Adam``'s one
-  per parameter), ``svi_floor`` (``SVI.step`` with a loss that computes
+  ``jit_disarm_shared`` (``SVI`` + ``JitDisARM_ELBO`` with
+  ``pyro_binary_grads.optim.Adam``: one ``torch.optim.Adam`` for all parameters
+  instead of ``pyro.optim.Adam``'s one per parameter, gradients left ``None``
+  as the hand step's ``zero_grad(set_to_none=True)``), ``svi_floor`` (``SVI.step`` with a loss that computes
   nothing) and ``adam_only`` (the optimizer step alone): ``svi_floor -
   adam_only`` is what ``SVI.step`` adds to any ELBO; ``hand+traces`` (the
   hand-written step plus Pyro's traces of the user's guide and model, the floor
-  of an eager Pyro ELBO) and ``tracegraph``.
+  of an eager Pyro ELBO) and ``tracegraph``. On request (``--shape-trainers``):
+  ``hand_fused`` and ``jit_disarm_shared_fused``, both with torch's fused Adam
+  (``fused=True``: one kernel per parameter, several times faster on CPU than
+  the default Adam; the ratio of the two is the like-for-like one).
 
 Usage::
 
@@ -72,6 +76,7 @@ from sbn import SBN, make_model_and_guide  # noqa: E402
 try:
     from pyro_binary_grads import DisARM_ELBO
     from pyro_binary_grads import JitDisARM_ELBO
+    from pyro_binary_grads.optim import Adam as SharedAdam
 except ImportError as e:  # not written yet
     DisARM_ELBO = None
     DISARM_IMPORT_ERROR = str(e)
@@ -201,26 +206,15 @@ class SviFloorTrainer(HandTrainer):
         return self.svi.step(x, idx, num_data)
 
 
-class OneAdam(pyro.optim.PyroOptim):
-    """A ``pyro.optim`` optimizer that steps every parameter it has seen with
-    one ``torch.optim.Adam`` (a parameter group per new batch of parameters),
-    instead of ``pyro.optim.Adam``'s one ``torch.optim.Adam`` per parameter.
-    Benchmark reference only: for one model whose parameters all get a
-    gradient at every step."""
+class FusedHandTrainer(HandTrainer):
+    """The hand-written step with torch's fused Adam (``fused=True``): the
+    reference of ``jit_disarm_shared_fused``."""
 
-    def __init__(self, optim_args):
-        super().__init__(torch.optim.Adam, optim_args)
-        self._opt, self._seen = None, set()
+    name = "hand_fused"
 
-    def __call__(self, params, *args, **kwargs):
-        new = [p for p in params if p not in self._seen]
-        if new:
-            if self._opt is None:
-                self._opt = torch.optim.Adam(new, **self.pt_optim_args)
-            else:
-                self._opt.add_param_group({"params": new})
-            self._seen.update(new)
-        self._opt.step(*args, **kwargs)
+    def __init__(self, net, lr):
+        super().__init__(net, lr)
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
 
 
 class TracedHandTrainer(HandTrainer):
@@ -245,13 +239,13 @@ class TracedHandTrainer(HandTrainer):
 
 
 class PyroTrainer:
-    def __init__(self, name, net, elbo, lr, optim=None):
+    def __init__(self, name, net, elbo, lr, optim=None, **optim_args):
         self.name = name
         self.net = net
         self.elbo = elbo
         # one pyro.module name per trainer instance (fresh nets per batch size)
         self.model, self.guide = make_model_and_guide(net, name=f"sbn_{name}_{id(net)}")
-        optim = (optim or pyro.optim.Adam)({"lr": lr})
+        optim = (optim or pyro.optim.Adam)({"lr": lr, **optim_args})
         self.svi = pyro.infer.SVI(self.model, self.guide, optim, elbo)
 
     def step(self, x, idx, num_data):
@@ -286,7 +280,7 @@ def _jit():
 
 
 SIMPLE = {"hand": HandTrainer, "hand+traces": TracedHandTrainer, "hand_compiled": CompiledHandTrainer,
-          "adam_only": AdamOnlyTrainer, "svi_floor": SviFloorTrainer}
+          "adam_only": AdamOnlyTrainer, "svi_floor": SviFloorTrainer, "hand_fused": FusedHandTrainer}
 
 
 def make_trainers(base_net, lr, which):
@@ -299,8 +293,10 @@ def make_trainers(base_net, lr, which):
             trainers.append(PyroTrainer("disarm", net, DisARM_ELBO(max_plate_nesting=1), lr))
         elif name == "jit_disarm":
             trainers.append(PyroTrainer("jit_disarm", net, _jit(), lr))
-        elif name == "jit_disarm_oneadam":
-            trainers.append(PyroTrainer(name, net, _jit(), lr, optim=OneAdam))
+        elif name == "jit_disarm_shared":
+            trainers.append(PyroTrainer(name, net, _jit(), lr, optim=SharedAdam))
+        elif name == "jit_disarm_shared_fused":
+            trainers.append(PyroTrainer(name, net, _jit(), lr, optim=SharedAdam, fused=True))
         elif name == "jit_nosvi":
             trainers.append(ElboOnlyTrainer(name, net, _jit(), lr))
         elif name == "disarm_nosvi":
@@ -396,10 +392,12 @@ def grad_variance(trainers, state, x, idx, num_data, draws):
     return out
 
 
-SHAPE_TRAINERS = ["hand", "hand_compiled", "jit_disarm", "disarm", "jit_nosvi",
-                  "jit_disarm_oneadam", "svi_floor", "adam_only", "hand+traces",
-                  "disarm_nosvi", "tracegraph"]
-FIRST_STEPS = {"jit_disarm": ("eager", "tracing"), "jit_disarm_oneadam": ("eager", "tracing"),
+SHAPE_TRAINERS = ["hand", "hand_compiled", "jit_disarm", "jit_disarm_shared", "disarm", "jit_nosvi",
+                  "svi_floor", "adam_only", "hand+traces", "disarm_nosvi", "tracegraph"]
+OTHER_TRAINERS = ["hand_fused", "jit_disarm_shared_fused"]  # --shape-trainers only
+LIKE_FOR_LIKE = [("jit_disarm_shared_fused", "hand_fused")]  # also printed: ratio of the pair
+FIRST_STEPS = {"jit_disarm": ("eager", "tracing"), "jit_disarm_shared": ("eager", "tracing"),
+               "jit_disarm_shared_fused": ("eager", "tracing"),
                "jit_nosvi": ("eager", "tracing"), "hand_compiled": ("compiling", "")}
 
 
@@ -464,6 +462,12 @@ def performance_shape(args, base, train, num_data, device, which):
                 f"[{row['ratio_' + c][1]:.3f}, {row['ratio_' + c][2]:.3f}]"
                 for c in ("wall", "cpu")))
         r = shape[bs]
+        for num, den in LIKE_FOR_LIKE:
+            if num in r and den in r:
+                for c, ms in (("wall", wall), ("cpu", cpu)):
+                    q = _spread([a / h for a, h in zip(ms[num], ms[den])])
+                    r[num][f"ratio_{c}_to_{den}"] = q
+                    print(f"  {num} / {den} ({c}): {q[0]:.3f} [{q[1]:.3f}, {q[2]:.3f}]")
         if "svi_floor" in r and "adam_only" in r:
             for c in ("wall", "cpu"):
                 floor = r["svi_floor"][c + "_ms"] - r["adam_only"][c + "_ms"]
@@ -556,7 +560,8 @@ def main():
                    help="steps per interleaved block in the performance shape (rounds = "
                         "shape-steps / shape-block)")
     p.add_argument("--shape-trainers", nargs="*", default=SHAPE_TRAINERS,
-                   choices=SHAPE_TRAINERS, help="trainers timed in the performance shape")
+                   choices=SHAPE_TRAINERS + OTHER_TRAINERS,
+                   help="trainers timed in the performance shape")
     p.add_argument("--shape-only", action="store_true",
                    help="only the performance shape (no training comparison, no variance)")
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",

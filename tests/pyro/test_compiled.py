@@ -441,3 +441,19 @@ def test_shared_adam_loaded_state_keeps_its_learning_rate(tmp_path):
     assert sorted((g["lr"], len(g["params"])) for g in groups) == [(0.1, 1), (0.5, 1)]
     assert ours.get_state()["a"]["param_groups"][0]["lr"] == 0.5
     assert int(ours.get_state()["b"]["state"][0]["step"]) == 2
+
+
+def test_shared_adam_steps_only_this_steps_parameters():
+    """As pyro.optim: a parameter not in this step's set is not stepped, even
+    with a gradient in place, and keeps that gradient."""
+    from pyro_binary_grads.optim import Adam
+
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    optim = Adam({"lr": 0.1})
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    optim({a, b})
+    b_after, g = b.detach().clone(), torch.full((2,), 7.0)
+    a.grad, b.grad = torch.ones(3), g
+    optim({a})
+    assert torch.equal(b.detach(), b_after) and b.grad is g
+    assert a.grad is None and not torch.equal(a.detach(), torch.zeros(3))
