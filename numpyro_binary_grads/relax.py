@@ -120,8 +120,9 @@ class RELAX_ELBO(REBAR_ELBO):
     def adapts(self):
         return True
 
-    def _net(self, name, event_shape):
-        """``(apply_fn, init_params)`` of site ``name``'s network."""
+    def _net(self, name, event_shape, dtype=None):
+        """``(apply_fn, init_params)`` of site ``name``'s network (the default
+        network's params in ``dtype``, that of the site's logits)."""
         if name not in self._nets:
             user = self._user_nets
             if isinstance(user, dict):
@@ -136,7 +137,7 @@ class RELAX_ELBO(REBAR_ELBO):
             else:
                 size = math.prod(event_shape) if event_shape else 1
                 module = ControlVariateNet(size, self.hidden_size, len(event_shape))
-                net = (module, module.init_params())
+                net = (module, module.init_params(dtype))
             if not (isinstance(net, (tuple, list)) and len(net) == 2 and callable(net[0])):
                 raise ValueError(
                     "RELAX_ELBO's control_variate must be None, an (apply_fn, "
@@ -146,9 +147,10 @@ class RELAX_ELBO(REBAR_ELBO):
             self._nets[name] = tuple(net)
         return self._nets[name]
 
-    def _declare_site(self, name, kind, event_shape):
-        super()._declare_site(name, kind, event_shape)
-        numpyro.param(self.param_name(name, "control_variate"), self._net(name, event_shape)[1])
+    def _declare_site(self, name, kind, event_shape, dtype=None):
+        super()._declare_site(name, kind, event_shape, dtype)
+        numpyro.param(self.param_name(name, "control_variate"),
+                      self._net(name, event_shape, dtype)[1])
 
     def _inspect_guide(self, rng_key, params, guide, args, kwargs):
         if not hasattr(guide, "_bg_elbo"):
@@ -181,7 +183,7 @@ class RELAX_ELBO(REBAR_ELBO):
 
     def control_variate(self, info, u, alpha, b, a, c):
         event_shape = alpha.shape[alpha.ndim - info.alpha_event_dim:]
-        apply_fn, init = self._net(info.name, event_shape)
+        apply_fn, init = self._net(info.name, event_shape, alpha.dtype)
         rho = self._rho.get(info.name)
         rho = init if rho is None else rho
         z = perturbed_logits(info.kind, alpha[a], u[a], b, False)

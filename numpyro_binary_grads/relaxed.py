@@ -311,7 +311,8 @@ class REBAR_ELBO(SiteELBO):
             with block(), validation_enabled(False):
                 tr = trace(seed(guide, rng_seed=0)).get_trace(*args, **kwargs)
             found.extend(
-                (name, _kind(_base_dist(site["fn"])), tuple(site["fn"].event_shape))
+                (name, _kind(_base_dist(site["fn"])), tuple(site["fn"].event_shape),
+                 _logits_dtype(site["fn"]))
                 for name, site in tr.items()
                 if _is_discrete_latent(site)
             )
@@ -320,14 +321,16 @@ class REBAR_ELBO(SiteELBO):
     def _declare(self, guide, args, kwargs, found):
         if not self.adapts:
             return
-        for name, kind, event_shape in self._find_sites(guide, args, kwargs, found):
-            self._declare_site(name, kind, event_shape)
+        for name, kind, event_shape, dtype in self._find_sites(guide, args, kwargs, found):
+            self._declare_site(name, kind, event_shape, dtype)
 
-    def _declare_site(self, name, kind, event_shape):
+    def _declare_site(self, name, kind, event_shape, dtype=None):
+        """Declare site ``name``'s adapted params, in the dtype of its logits."""
         if self.adapt:
-            numpyro.param(self.param_name(name, "temperature"), jnp.asarray(self.temperature),
+            numpyro.param(self.param_name(name, "temperature"),
+                          jnp.asarray(self.temperature, dtype),
                           constraint=constraints.greater_than(TEMPERATURE_MIN))
-            numpyro.param(self.param_name(name, "eta"), jnp.asarray(self.eta),
+            numpyro.param(self.param_name(name, "eta"), jnp.asarray(self.eta, dtype),
                           constraint=constraints.interval(0.0, 2.0))
 
     def adapted_names(self):
@@ -498,7 +501,7 @@ class REBAR_ELBO(SiteELBO):
         (loss, var), pullback = jax.vjp(loss_and_variance, stop_gradient(psi))
         (dloss,) = pullback((jnp.ones_like(loss), jnp.zeros_like(var)))
         (dvar,) = pullback((jnp.zeros_like(loss), jnp.ones_like(var)))
-        term = jnp.zeros(())
+        term = 0.0  # weakly typed: the sum takes the dtype of the parameters
         for p, gv, gl in zip(jax.tree.leaves(psi), jax.tree.leaves(dvar), jax.tree.leaves(dloss)):
             term = term + jnp.sum(p * stop_gradient(gv - gl))
         return term - stop_gradient(term)
@@ -512,6 +515,13 @@ def _is_discrete_latent(site):
         and not site["fn"].has_rsample
         and _kind(_base_dist(site["fn"])) is not None
     )
+
+
+def _logits_dtype(fn):
+    """The dtype of a discrete site's logits (or probs)."""
+    base = _base_dist(fn)
+    x = getattr(base, "logits", None)
+    return jnp.result_type(base.probs if x is None else x)
 
 
 def _inexact(tree):

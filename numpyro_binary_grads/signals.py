@@ -41,6 +41,14 @@ def _reduce_term(lp, term_frames, signal_plates, signal_ndim):
     return jnp.reshape(x, shape)
 
 
+def zeros_like_terms(shape, terms):
+    """Zeros of ``shape`` in the dtype of the log-prob ``terms`` (``(side,
+    name, frames, lp)`` tuples), not JAX's default float: with
+    ``jax_enable_x64`` a float32 program stays float32."""
+    lps = [lp for *_, lp in terms]
+    return jnp.zeros(shape, jnp.result_type(*lps) if lps else None)
+
+
 def _signals(terms, structure):
     """Learning signals per layout ``(plates, ndim)`` of the discrete sites."""
     signals = {}
@@ -48,7 +56,7 @@ def _signals(terms, structure):
         layout = (s.signal_plates, s.signal_ndim)
         if layout in signals:
             continue
-        total = jnp.zeros((1,) * s.signal_ndim)
+        total = zeros_like_terms((1,) * s.signal_ndim, terms)
         for _, _, frames, lp in terms:
             x = _reduce_term(lp, frames, s.signal_plates, s.signal_ndim)
             names = {fr.name for fr in frames}
@@ -70,7 +78,7 @@ def _bound_terms(terms, structure):
     """
     common = {n for n, _ in structure.common_plates}
     s_P = structure.common_scale
-    f = jnp.zeros((1,) * structure.common_ndim)
+    f = zeros_like_terms((1,) * structure.common_ndim, terms)
     outside = {}
     for side, name, frames, lp in terms:
         names = {fr.name for fr in frames}
@@ -172,7 +180,7 @@ def score_surrogate(evals, structure, weight):
     signals on the evaluations (``(E, *signal_shape)``, evaluation dim
     first) to their coefficients.
     """
-    surr = jnp.zeros(())
+    surr = 0.0  # weakly typed: the sum takes the dtype of the logits
     for info in structure.discrete.values():
         alpha, _, value = evals.sites[info.name]
         signal = stop_gradient(evals.signals[(info.signal_plates, info.signal_ndim)])

@@ -21,7 +21,7 @@ from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.util import _validate_model, check_model_guide_match
 
 from .noise import NoiseMessenger
-from .signals import _bound_terms, _signals
+from .signals import _bound_terms, _signals, zeros_like_terms
 from .structure import GuideStructure, SiteInfo, _check_finite, _check_match, _summarize, site_log_prob
 
 __all__ = ["Evaluations", "discover", "run_evaluations"]
@@ -100,7 +100,7 @@ def _evaluate(e, key, params, structure, plan, model, guide, args, kwargs, noise
         terms = _terms(model_trace, guide_trace, set(record), hard)
     else:
         terms = _terms(model_trace, guide_trace, set(record), detach_discrete)
-    f = sum((jnp.sum(lp) for _, _, _, lp in terms), start=jnp.zeros(()))
+    f = sum((jnp.sum(lp) for _, _, _, lp in terms), start=zeros_like_terms((), terms))
     out = {"f": f, "sites": {n: record[n] for n in structure.discrete}, "mutable": mutable}
     if signals:
         out["signals"] = _signals(terms, structure)
@@ -317,7 +317,8 @@ def run_evaluations(
     mutable = jax.tree.map(lambda x: x[0], mutable) if mutable else None
     outside = None
     if bound:
-        outside = sum((v[0] for v in out["outside"].values()), start=jnp.zeros(()))
+        outside = sum((v[0] for v in out["outside"].values()),
+                      start=jnp.zeros((), jnp.result_type(out["f"])))
     return Evaluations(out["f"], out.get("signals"), out["sites"], mutable,
                        out.get("bound"), outside)
 

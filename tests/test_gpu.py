@@ -5,10 +5,16 @@ mechanism creates must follow the device and dtype of each site's logits.
 Per package: one exact-gradient case (DisARM's mean over many draws against the
 enumerated ELBO gradient, 5-SE rule with power, ``tests/stats.py``) computed
 entirely on the GPU, and one step of the SBN of ``examples/distributed_sbn.py``
-on the GPU equal to the same step on the CPU (same noise). Without a CUDA
-device (Pyro) or a JAX GPU device (NumPyro) they run on the CPU (the exact
-gradient still checked; the CPU-vs-device comparison then compares the CPU
-with itself); ``BINARY_GRADS_TEST_DEVICE`` forces a device.
+on the GPU equal to the same step on the CPU (same noise). And every class,
+on a float32 program while the default dtype is float64 (Pyro: torch's
+default; NumPyro: ``jax_enable_x64``): the loss and every gradient stay
+float32 and on the device (a tensor created with the default dtype or device
+would promote or move them).
+
+The project has no skipped tests: without a CUDA device (Pyro) or a JAX GPU
+device (NumPyro) these tests run on the CPU (the exact gradient and the dtypes
+still checked; the CPU-vs-device comparison then compares the CPU with
+itself); ``BINARY_GRADS_TEST_DEVICE`` (``cuda:1``, ``gpu``) forces a device.
 """
 
 import argparse
@@ -232,3 +238,124 @@ def test_numpyro_sbn_step_on_gpu_equals_cpu():
     for k in p_cpu:
         np.testing.assert_allclose(p_dev[k], p_cpu[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert not np.allclose(p_cpu["enc0_W"], P["enc0_W"])
+
+
+# ---------------------------------------------------------------------------
+# every class: what the mechanism creates follows the logits' device and dtype
+#
+# A tensor created with the default dtype (or device) instead of the logits'
+# promotes the loss: with float64 as the default (Pyro: torch's default dtype;
+# NumPyro: jax_enable_x64) and a float32 program, the loss and every gradient
+# must stay float32, and on the program's device.
+
+PYRO_BERNOULLI = ["ARM_ELBO", "DisARM_ELBO", "RLOO_ELBO", "VIMCO", "LocalDisARM_IWAE",
+                  "REBAR_ELBO", "RELAX_ELBO", "ST_ELBO", "GumbelSoftmaxST_ELBO", "ReinMax_ELBO"]
+ONE_HOT = ["DisARM_ELBO", "RLOO_ELBO", "VIMCO", "REBAR_ELBO", "RELAX_ELBO", "ST_ELBO",
+           "GumbelSoftmaxST_ELBO", "GumbelRao_ELBO", "ReinMax_ELBO", "ReinMaxRao_ELBO",
+           "ReinMaxCV_ELBO"]
+CASES = [(c, False) for c in PYRO_BERNOULLI] + [(c, True) for c in ONE_HOT]
+CASE_IDS = [f"{c}-{'one-hot' if h else 'bernoulli'}" for c, h in CASES]
+
+
+def _site_logits(xp, prior, one_hot):
+    return xp.stack([prior, -prior], -1) if one_hot else prior
+
+
+@pytest.mark.parametrize("name,one_hot", CASES, ids=CASE_IDS)
+def test_pyro_created_tensors_follow_the_logits(name, one_hot):
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    import pyro_binary_grads
+
+    dev = _torch_device()
+    t = lambda a: torch.tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
+
+    def site(logits):
+        if one_hot:
+            return pyro.sample("z", dist.OneHotCategorical(logits=logits))[..., 0]
+        return pyro.sample("z", dist.Bernoulli(logits=logits))
+
+    def model():
+        prior, w = pyro.param("prior", t(PRIOR0)), pyro.param("w", t(W0))
+        with pyro.plate("i", 3):
+            z = site(_site_logits(torch, prior, one_hot))
+            pyro.sample("x", dist.Normal(2 * z - 1 + w, 1.0), obs=t(X))
+
+    def guide():
+        phi = pyro.param("phi", t(PHI0))
+        with pyro.plate("i", 3):
+            site(_site_logits(torch, phi, one_hot))
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        elbo = getattr(pyro_binary_grads, name)()
+        if hasattr(elbo, "wrap_guide"):
+            guide = elbo.wrap_guide(guide)
+        loss = elbo.loss_and_grads(model, guide)
+        store = pyro.get_param_store()
+        params = {k: store._params[k] for k in store.keys()}
+    finally:
+        torch.set_default_dtype(default)
+    assert math.isfinite(loss)
+    assert {"phi", "prior", "w"} <= set(params)
+    for k, p in params.items():
+        assert p.dtype == torch.float32 and p.device.type == dev.type, (k, p.dtype, p.device)
+        assert p.grad is not None, k
+        assert p.grad.dtype == torch.float32 and p.grad.device.type == dev.type, k
+        assert torch.all(torch.isfinite(p.grad)), k
+    if name.startswith("RE"):  # the adapted temperature and eta were created like the logits
+        assert any(k.startswith("_bg_z_") for k in params)
+
+
+@pytest.mark.parametrize("name,one_hot", CASES, ids=CASE_IDS)
+def test_numpyro_created_tensors_follow_the_logits(name, one_hot):
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.handlers import seed, trace
+    from numpyro.infer import Trace_ELBO
+
+    import numpyro_binary_grads
+
+    dev = _jax_device()
+    f32 = lambda a: jax.device_put(np.asarray(a, np.float32), dev)  # noqa: E731
+
+    def site(logits):
+        if one_hot:
+            return numpyro.sample("z", numpyro_binary_grads.OneHotCategorical(logits=logits))[..., 0]
+        return numpyro.sample("z", dist.Bernoulli(logits=logits))
+
+    def model():
+        prior, w = numpyro.param("prior", f32(PRIOR0)), numpyro.param("w", f32(W0))
+        with numpyro.plate("i", 3):
+            z = site(_site_logits(jnp, prior, one_hot))
+            # (NumPyro's Normal(loc, 1.0) is float64 under x64 whatever loc is)
+            numpyro.factor("x", -0.5 * (f32(X) - (2 * z - 1 + w)) ** 2)
+
+    def guide():
+        phi = numpyro.param("phi", f32(PHI0))
+        with numpyro.plate("i", 3):
+            site(_site_logits(jnp, phi, one_hot))
+
+    with jax.enable_x64(True):
+        elbo = getattr(numpyro_binary_grads, name)()
+        if hasattr(elbo, "wrap_guide"):
+            guide = elbo.wrap_guide(guide)
+        tr = trace(seed(guide, 0)).get_trace()
+        params = {k: s["value"] for k, s in tr.items() if s["type"] == "param"}
+        params.update(prior=f32(PRIOR0), w=f32(W0))
+        loss, grads = jax.jit(jax.value_and_grad(
+            lambda p: elbo.loss(jax.random.PRNGKey(0), p, model, guide)))(params)
+        reference = Trace_ELBO().loss(jax.random.PRNGKey(0), params, model, guide)
+    assert reference.dtype == jnp.float32  # the program itself stays float32
+    assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+    assert {"phi", "prior", "w"} <= set(grads)
+    for k, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert g.dtype == jnp.float32 and dev in g.devices(), (k, g.dtype)
+        assert np.all(np.isfinite(np.asarray(g))), k
