@@ -39,7 +39,10 @@ Inside :class:`~pyro.infer.SVI`, ``pyro.optim``'s one torch optimizer per
 parameter and :func:`~pyro.infer.util.zero_grads` cost more than the replay's
 own Python (at batch 1 a quarter of the step, at batch 50 a tenth):
 :func:`pyro_binary_grads.optim.Adam` is a drop-in for ``pyro.optim.Adam`` with
-one torch Adam for all parameters.
+one torch Adam for all parameters. At large batches glibc's allocator returns
+the step's large buffers to the OS and page-faults new ones every step (batch
+500: the replay 1.2x the hand-written step's forward and backward, 1.0-1.05x
+with ``MALLOC_MMAP_THRESHOLD_=1073741824`` in the environment).
 
 As for Pyro's compiled ELBOs, only static programs compile: the same sites,
 shapes and control flow at every step, every ``pyro.param`` created on the
