@@ -176,6 +176,9 @@ def run_one(cfg, seed, budget, backend, results, out_root):
     out_dir = out_root / budget / backend / f"{cfg.name}_s{seed}"
     cmd = [sys.executable, str(ROOT / cfg.script), *cfg.args, "--seed", str(seed),
            "--backend", backend, "--no-progress", "--out", str(out_dir), "--overwrite", "--threads", "1"]
+    if cfg.script.startswith("examples/"):  # resumable within the machine's lifetime (out/)
+        steps = int(cfg.args[cfg.args.index("--num-steps") + 1])
+        cmd += ["--checkpoint-every", str(max(1000, steps // 20)), "--resume"]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t

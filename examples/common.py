@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoint  # noqa: E402  (examples/checkpoint.py)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -330,24 +332,37 @@ class PyroTrainer:
 
     def __init__(self, bk, model, guide, elbo, optim="adam", lr=1e-3, betas=(0.9, 0.999),
                  second_group=(), second_optim=None, second_lr=None, grad_scale=1.0):
-        self.grad_scale = grad_scale
-        self.bk, self.model, self.guide, self.elbo = bk, model, guide, elbo
+        self.model, self.guide, self.elbo = model, guide, elbo
         params = {k: bk.pyro.param(k).unconstrained() for k in bk.names}
-        main = [p for k, p in params.items() if k not in second_group]
-        other = [p for k, p in params.items() if k in second_group]
-        self.optims = [_torch_optim(optim, main, lr, betas)]
-        if other:
-            self.optims.append(_torch_optim(second_optim or optim, other, second_lr or lr, betas))
+        self._setup_optim(bk, params, optim, lr, betas, second_group, second_optim,
+                          second_lr, grad_scale)
         # REBAR/RELAX's adapted parameters (declared by elbo.wrap_guide): 10x the
         # learning rate, as REBAR App. G does for eta and its baselines
         store = bk.pyro.get_param_store()
         adapted = [store._params[k] for k in store.keys() if k.startswith("_bg_")]
         if adapted:
             self.optims.append(_torch_optim(optim, adapted, ADAPTED_LR_FACTOR * lr, betas))
-        self.params = list(params.values()) + adapted
+        self.params += adapted
+
+    def _setup_optim(self, bk, params, optim, lr, betas, second_group, second_optim,
+                     second_lr, grad_scale):
+        """One optimizer for ``params`` (a dict), a second one for those named in
+        ``second_group``."""
+        self.bk, self.grad_scale = bk, grad_scale
+        main = [p for k, p in params.items() if k not in second_group]
+        other = [p for k, p in params.items() if k in second_group]
+        self.optims = [_torch_optim(optim, main, lr, betas)]
+        if other:
+            self.optims.append(_torch_optim(second_optim or optim, other, second_lr or lr, betas))
+        self.params = list(params.values())
 
     def step(self, *args):
         loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+        self._update()
+        return float(loss)
+
+    def _update(self):
+        """Scale the gradients by ``grad_scale``, step every optimizer, clear."""
         if self.grad_scale != 1.0:
             for p in self.params:
                 if p.grad is not None:
@@ -355,7 +370,6 @@ class PyroTrainer:
         for o in self.optims:
             o.step()
             o.zero_grad(set_to_none=True)
-        return float(loss)
 
     def snapshot(self):
         return {k: v.detach().clone() for k, v in self.bk.params().items()}
@@ -569,6 +583,13 @@ def add_common_args(p, default_out, estimators, default_estimator):
                    help="seed of the evaluation subset and of its fixed binarization")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="save a checkpoint every STEPS steps (default 0: never; "
+                        "examples/checkpoint.py)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint file (default: <out>/<run>.ckpt)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint if there is one (same settings)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the plot and JSON of an earlier run with the same name "
                         "(without it the run refuses to start)")
@@ -674,12 +695,21 @@ def train(args, trainer, batches, step_args, evaluate, desc):
 
     if getattr(args, "eval_every", None) is None:
         args.eval_every = max(1, min(10_000, (args.num_steps or 10_000) // 10))
-    history, tests = [], [(0, evaluate(0))]
-    train_time, first = 0.0, None
-    running = None
-    bar = tqdm(batches, total=args.num_steps, disable=args.no_progress, file=sys.stderr,
-               desc=desc, mininterval=2.0)
-    for step, batch in enumerate(bar, 1):
+    ckpt = checkpoint.Resumable(
+        getattr(args, "checkpoint", None) or Path(args.out) / f"{desc.replace('/', '_')}.ckpt",
+        getattr(args, "checkpoint_every", 0), getattr(args, "resume", False))
+    loop, batches = ckpt.start(trainer, batches, checkpoint.settings_of(args))
+    if loop is None:
+        loop = {"step": 0, "history": [], "tests": [(0, evaluate(0))], "train_time": 0.0,
+                "first": None, "running": None, "resumed_at": []}
+    else:
+        loop["resumed_at"].append(loop["step"])
+    history, tests, start = loop["history"], loop["tests"], loop["step"]
+    train_time, first, running = loop["train_time"], loop["first"], loop["running"]
+    args.resumed_at = loop["resumed_at"]
+    bar = tqdm(batches, total=args.num_steps, initial=start, disable=args.no_progress,
+               file=sys.stderr, desc=desc, mininterval=2.0)
+    for step, batch in enumerate(bar, start + 1):
         t = time.perf_counter()
         loss = trainer.step(*step_args(batch))
         dt = time.perf_counter() - t
@@ -696,7 +726,11 @@ def train(args, trainer, batches, step_args, evaluate, desc):
             tests.append((step, evaluate(step)))
         if step % 50 == 0 or step == args.num_steps:
             bar.set_postfix(train=f"{running:.2f}", test=f"{tests[-1][1]:.2f}")
+        ckpt.maybe_save(step, args.num_steps, trainer, {
+            "step": step, "history": history, "tests": tests, "train_time": train_time,
+            "first": first, "running": running, "resumed_at": args.resumed_at})
     bar.close()
+    ckpt.finish()
     return history, tests, train_time, first or 0.0
 
 
@@ -705,7 +739,7 @@ def save_plot(path, history, tests, title, test_label, ylabel="nats per example"
     The training curve (per step and smoothed), the periodic test bound
     (``tests``, every point inside the axes, the first included) and, with
     ``final = (value, n)``, the final test bound on ``n`` examples (the full
-    test set by default) as a star at the last step.
+    test set by default) as a star at the last step. Returns the y limits.
     """
     import matplotlib
 
@@ -744,6 +778,7 @@ def save_plot(path, history, tests, title, test_label, ylabel="nats per example"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return ax.get_ylim()
 
 
 def drift_summary(history, parts=10):
@@ -769,6 +804,8 @@ def finish(args, name, result, history, tests):
     line gets :func:`drift_summary`'s fields.
     """
     result = {**result, **drift_summary(history)}
+    if getattr(args, "resumed_at", None):
+        result["resumed_at"] = list(args.resumed_at)  # steps of the checkpoints resumed from
     with open(args.out / f"{name}.json", "w") as fh:
         json.dump({**result, "history": history, "tests": tests}, fh)
     print(json.dumps(result), flush=True)
