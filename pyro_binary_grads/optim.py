@@ -69,6 +69,10 @@ class SharedOptim(PyroOptim):
         name as for :class:`~pyro.optim.PyroOptim` (one parameter group each)
     :param clip_args: ``clip_norm`` / ``clip_value`` per parameter, as for
         :class:`~pyro.optim.PyroOptim`
+    ``optim_objs`` (as in :class:`~pyro.optim.PyroOptim`) maps every parameter
+    to the one optimizer; to change a learning rate, change the groups of
+    :attr:`optimizer` (``optimizer.param_groups``).
+
     :param bool set_to_none: after a step, set the stepped parameters'
         gradients to ``None`` (default); ``False`` leaves them for
         :func:`~pyro.infer.util.zero_grads` (zeros after ``SVI.step``, as with
