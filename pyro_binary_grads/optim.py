@@ -64,15 +64,15 @@ class SharedOptim(PyroOptim):
     parameter, and leaves the stepped gradients ``None`` (see
     :mod:`pyro_binary_grads.optim`).
 
+    ``optim_objs`` (as in :class:`~pyro.optim.PyroOptim`) maps every parameter
+    to the one optimizer; to change a learning rate, change the groups of
+    :attr:`optimizer` (``optimizer.param_groups``).
+
     :param optim_constructor: a ``torch.optim.Optimizer`` class
     :param optim_args: its arguments, a dict, or a callable of the parameter
         name as for :class:`~pyro.optim.PyroOptim` (one parameter group each)
     :param clip_args: ``clip_norm`` / ``clip_value`` per parameter, as for
         :class:`~pyro.optim.PyroOptim`
-    ``optim_objs`` (as in :class:`~pyro.optim.PyroOptim`) maps every parameter
-    to the one optimizer; to change a learning rate, change the groups of
-    :attr:`optimizer` (``optimizer.param_groups``).
-
     :param bool set_to_none: after a step, set the stepped parameters'
         gradients to ``None`` (default); ``False`` leaves them for
         :func:`~pyro.infer.util.zero_grads` (zeros after ``SVI.step``, as with

@@ -463,3 +463,12 @@ def test_shared_adam_steps_only_this_steps_parameters():
     optim({a})
     assert torch.equal(b.detach(), b_after) and b.grad is g
     assert a.grad is None and not torch.equal(a.detach(), torch.zeros(3))
+
+
+def test_shared_adam_set_to_none_off_leaves_zeros_as_pyro():
+    from pyro_binary_grads.optim import Adam
+
+    ref, _ = _trajectory(lambda: pyro.optim.Adam({"lr": 0.05}))
+    ours, optim = _trajectory(lambda: Adam({"lr": 0.05}, set_to_none=False))
+    _assert_same(ours, ref)
+    assert all(p.grad is not None and not p.grad.any() for p in optim.optim_objs)
