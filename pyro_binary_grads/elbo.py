@@ -189,11 +189,16 @@ class SiteELBO(ELBO):
                 warnings.simplefilter("ignore")
             check_model_guide_match(model_trace, guide_trace, U + (P is not None))
         if is_validation_enabled():  # Pyro's log-prob shape check, as Trace_ELBO's
+            # with max_plate_nesting not given, Trace_ELBO checks against an
+            # unbounded nesting: a non-singleton dim left of a site's plates raises
+            # Pyro's "invalid log_prob shape" (singleton dims pass)
+            nesting = float("inf") if self._given_plate_nesting == float("inf") \
+                else U + (P is not None)
             for trace in (model_trace, guide_trace):
                 trace.compute_log_prob()
                 for site in trace.nodes.values():
                     if site["type"] == "sample" and not site_is_subsample(site):
-                        check_site_shape(site, U + (P is not None))
+                        check_site_shape(site, nesting)
         return U, structure
 
     def _setup(self, model, guide, args, kwargs):

@@ -14,16 +14,24 @@ a presence mask; their score terms count where they ran only.
 import torch
 import torch.nn.functional as F
 
-from .structure import subsample_scale
 
 
 def learning_signal(evals, info, U):
     """
     The learning signal of discrete site ``info`` on every evaluation: the sum
     of all log-prob terms, each summed over the plates the site's signal is
-    not local to and broadcast over those it is local to. A term outside a
-    subsampled plate of the site is multiplied by that plate's subsample scale,
-    so that each element's signal estimates the full-data objective.
+    not local to and broadcast over those it is local to.
+
+    Terms carry Pyro's scales only (a subsampled plate's terms its subsample
+    scale :math:`N / n`, terms outside it none), so the estimate is of the
+    gradient of the minibatch objective the program defines, as
+    ``Trace_ELBO``'s and ``TraceGraph_ELBO``'s: with :math:`\\alpha_i` the logit
+    of element :math:`i` of a minibatch :math:`S`,
+    :math:`\\partial_{\\alpha_i} E_q[f_S]` with
+    :math:`f_S = \\tfrac{N}{n} \\sum_{j \\in S} \\ell_j + \\ell_{\\mathrm{global}}`.
+    Multiplying the terms outside the plate by :math:`N / n` as well (an
+    earlier version) gave a biased gradient for a site outside the plate
+    whose log-prob depends on the plate's values (z = -66 measured).
     """
     kept = {f.dim: f.name for f in info.kept}
     total = None
@@ -35,11 +43,6 @@ def learning_signal(evals, info, U):
         ]
         if dims:
             t = t.sum(dims, keepdim=True)
-        scale = 1.0
-        for frame in info.subsampled:
-            if frame.name not in names:
-                scale *= subsample_scale(frame)
-        t = t * scale if scale != 1.0 else t
         total = t if total is None else total + t
     return total
 

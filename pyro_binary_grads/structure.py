@@ -242,15 +242,6 @@ class GuideStructure:
                 if outside:
                     nonlocal_.append((frame, outside))
             for frame, outside in nonlocal_:
-                if subsample_scale(frame) != 1.0:
-                    raise NotImplementedError(
-                        f"Discrete site '{info.name}' is in the subsampled plate "
-                        f"'{frame.name}' and guide site(s) {outside} outside that plate "
-                        "run after it; the learning signal of a subsampled element then "
-                        "depends on the other elements and cannot be estimated without "
-                        "bias. Do not subsample this plate, or draw the global site(s) "
-                        "before the local discrete site."
-                    )
                 if warn:
                     warnings.warn(
                         f"Guide site(s) {outside} outside plate '{frame.name}' run after "
