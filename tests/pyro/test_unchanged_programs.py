@@ -532,9 +532,9 @@ def test_num_particles_is_validated(bad):
 
 
 def test_subsampled_plate_with_a_global_term_is_unbiased():
-    """The learning signal of a site in a subsampled plate scales the terms
-    outside the plate by the plate's subsample scale (the code path of
-    Pyro's test_nested_plate_plate_subsample_param_ok)."""
+    """A site in a subsampled plate with a global term that does not depend
+    on it (the code path of Pyro's test_nested_plate_plate_subsample_param_ok):
+    its signal is unbiased for the full-data gradient."""
 
     def guide(idx):
         a = pyro.param("q_a", torch.tensor([0.05, -0.08, 0.1]))
