@@ -130,9 +130,7 @@ def _estimator_class(backend, name):
             import pyro.infer
 
             return pyro.infer.TraceGraph_ELBO
-        import numpyro.infer
-
-        return numpyro.infer.TraceGraph_ELBO
+        return _numpyro_tracegraph()
     mod = __import__("pyro_binary_grads" if backend == "pyro" else "numpyro_binary_grads")
     return getattr(mod, cls_name, None)
 
@@ -171,6 +169,32 @@ def make_elbo(backend, name, *, num_samples=2, temperature=None, eta=None, rao_s
     if name in ("gumbel_rao", "reinmax_rao", "reinmax_cv") and rao_samples is not None:
         kw["num_samples"] = rao_samples
     return cls(**kw)
+
+
+def _numpyro_tracegraph():
+    """NumPyro's ``TraceGraph_ELBO`` for the examples' programs, evaluated where
+    it is right.
+
+    NumPyro's ``TraceGraph_ELBO`` (0.22) scales its score term twice by the
+    subsample scale :math:`s = N/B`: the guide's log-probability and its
+    downstream cost are both scaled (the bug Pyro fixed in pyro-ppl/pyro#531),
+    so its discrete-site gradient is :math:`s` times too large (1200x for an
+    SBN on MNIST at batch 50; ``tests/numpyro/test_numpyro_unbiased.py``,
+    ``test_subsample_tracegraph_wrong_ours_right``). Every site of the
+    examples' programs ``(..., idx, num_data)`` is in the data plate, so their
+    ELBO at scale :math:`s` is :math:`s` times the ELBO at scale 1, where it
+    is right: the loss is evaluated with ``num_data = B`` and multiplied by
+    :math:`s`."""
+    import numpyro.infer
+
+    class ScaleOnceTraceGraph_ELBO(numpyro.infer.TraceGraph_ELBO):
+        def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
+            *rest, idx, num_data = args
+            B = idx.shape[0]
+            return (num_data / B) * super().loss(rng_key, param_map, model, guide, *rest,
+                                                 idx, B, **kwargs)
+
+    return ScaleOnceTraceGraph_ELBO
 
 
 # ---------------------------------------------------------------------------

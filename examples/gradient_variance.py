@@ -228,19 +228,8 @@ class NumPyroProbe:
                 self.adapted[e].append(jax.jit(psi_grad))
             self.guides[e] = g
 
-            # NumPyro's TraceGraph_ELBO (0.22) scales its score term by the
-            # subsample scale twice (log q and its cost are both scaled: the bug
-            # Pyro fixed in pyro-ppl/pyro#531), so at N / B = 1200 its encoder
-            # gradient is ~1200x too large (variance ~10^6 x). Every site of the
-            # SBN is in the data plate, so the ELBO at scale N / B is N / B times
-            # the ELBO at scale 1, where TraceGraph_ELBO is right: evaluate it
-            # there (num_data = B) and multiply (tests/numpyro/test_numpyro_unbiased.py,
-            # test_subsample_tracegraph_wrong_ours_right, shows the bias).
-            rescale = e == "tracegraph"
-
-            def draws_fn(params, keys, x, i, n, elbo=elbo, g=g, rescale=rescale):
-                m, c = (x.shape[0], n / x.shape[0]) if rescale else (n, 1.0)
-                grad = jax.grad(lambda p, k: c * elbo.loss(k, p, model, g, x, i, m))
+            def draws_fn(params, keys, x, i, n, elbo=elbo, g=g):
+                grad = jax.grad(lambda p, k: elbo.loss(k, p, model, g, x, i, n))
                 gs = jax.vmap(lambda k: grad(params, k))(keys)
                 return jax.numpy.concatenate(
                     [gs[k].reshape(len(keys), -1) for k in ("enc0_W", "enc0_b")], 1)
