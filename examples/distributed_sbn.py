@@ -158,48 +158,33 @@ def rank_seed(seed, rank):
     return 1000 * seed + rank
 
 
-class DDPTrainer:
+class DDPTrainer(common.PyroTrainer):
     """
     ``step(*args)``: forward and backward through the DDP-wrapped
     :class:`ELBOLoss` (gradients averaged over the ranks), gradients divided by
     ``num_data`` (the per-example loss, as ``common.make_trainer``), one
-    optimizer step; returns this rank's loss. Parameters in ``second_group``
-    get ``second_optim`` (``sbn.py``'s ``--prior-optim``).
+    optimizer step (``common.PyroTrainer``'s); returns this rank's loss.
+    Parameters in ``second_group`` get ``second_optim`` (``sbn.py``'s
+    ``--prior-optim``).
     """
 
     def __init__(self, bk, loss_module, world, num_data, lr, betas, second_group=(),
                  second_optim=None, second_lr=None):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.bk = bk
         if world > 1:
             ids = [bk.device.index] if bk.device.type == "cuda" else None
             self.loss = DistributedDataParallel(loss_module, device_ids=ids)
         else:
             self.loss = loss_module
-        params = bk.params()
-        main = [p for k, p in params.items() if k not in second_group]
-        other = [p for k, p in params.items() if k in second_group]
-        self.optims = [common._torch_optim("adam", main, lr, betas)]
-        if other:
-            self.optims.append(common._torch_optim(second_optim or "adam", other,
-                                                   second_lr or lr, betas))
-        self.params = list(params.values())
-        self.grad_scale = 1.0 / num_data
+        self._setup_optim(bk, bk.params(), "adam", lr, betas, second_group, second_optim,
+                          second_lr, 1.0 / num_data)
 
     def step(self, *args):
         loss = self.loss(*args)
         loss.backward()
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(self.grad_scale)
-        for o in self.optims:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        self._update()
         return float(loss.detach())
-
-    def snapshot(self):
-        return {k: v.detach().clone() for k, v in self.bk.params().items()}
 
 
 def init_distributed(args):
