@@ -454,7 +454,7 @@ def test_pyro_probs_exactly_zero_or_one(cls):
         loss = elbo.differentiable_loss(p_model, guide, x)
         h = pyro.param("q_h").unconstrained()
         (g,) = torch.autograd.grad(loss, [h])
-        assert math.isfinite(float(loss))
+        assert math.isfinite(loss.item())
         assert torch.equal(g, torch.zeros(2))
 
 
