@@ -593,14 +593,6 @@ def test_bernoulli_refused_where_no_two_class_form_is_defined():
 # ---------------------------------------------------------------------------
 
 
-ONE_CLASS_FIX = (
-    "categorical DisARM crashes on a one-class site inside "
-    "pyro_binary_grads/estimators.py (stick_breaking_value: the 'stop' column is built "
-    "from beta[..., :1], empty for K = 1; coupled_categorical: gather at n = -1); "
-    "the fix is in the issue-16 helper's report"
-)
-
-
 @pytest.mark.parametrize("validate", [True, False], ids=["validation on", "validation off"])
 @pytest.mark.parametrize("one_hot", [True, False], ids=["OneHotCategorical", "Categorical"])
 def test_disarm_one_class_site_is_a_constant(one_hot, validate):
