@@ -43,9 +43,8 @@ sites keep the shared key: all evaluations see one minibatch.
 
 Learning signals keep plate dims: for discrete site ``j`` each model/guide
 log-prob term is summed over the plates ``j`` is not in and broadcast over
-those it is in; a term lacking a subsampled plate of ``j`` is multiplied by
-that plate's subsample scale, so that element ``n``'s signal estimates the
-full-data objective. Localising over a plate ``P`` is valid only if no guide
+those it is in; terms carry NumPyro's scales only, so the estimate is of the
+gradient of the minibatch objective, as ``Trace_ELBO``'s. Localising over a plate ``P`` is valid only if no guide
 site outside ``P`` executes after ``j``; otherwise the signal is summed over
 ``P`` (with a warning naming the sites), and a subsampled ``P`` raises.
 Multi-sample objectives instead reduce every term to the plates common to
