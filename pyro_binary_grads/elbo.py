@@ -27,7 +27,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
-from binary_grads_common.arguments import check_bool
+from binary_grads_common.arguments import check_bool, check_count
 from pyro.poutine.messenger import Messenger
 
 from . import estimators
@@ -560,9 +560,7 @@ class RLOO_ELBO(SiteELBO):
 
     def __init__(self, num_particles=1, max_plate_nesting=float("inf"),
                  vectorize_particles=False, *, num_samples=2, vectorize=True, **kwargs):
-        if num_samples < 2:
-            raise ValueError(f"RLOO_ELBO needs num_samples >= 2, got {num_samples}.")
-        self.num_samples = num_samples
+        self.num_samples = check_count("RLOO_ELBO", "num_samples", num_samples, minimum=2)
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
 

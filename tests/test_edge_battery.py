@@ -346,6 +346,8 @@ def test_pyro_bad_string_flags(cls, arg):
 
 @pytest.mark.parametrize("cls,arg,value", [
     (pbg.RLOO_ELBO, "num_samples", 1),
+    (pbg.RLOO_ELBO, "num_samples", "4"),
+    (pbg.RLOO_ELBO, "num_samples", 2.5),
     (pbg.VIMCO, "num_samples", 0),
     (pbg.VIMCO, "num_samples", "4"),
     (pbg.VIMCO, "num_samples", 2.5),
