@@ -184,15 +184,8 @@ def discover(key, params, model, guide, args, kwargs, owner="ELBO", warned=None,
             if not offenders:
                 kept.append((f.name, f.dim))
                 continue
-            if plate_scales.get(f.name, 1.0) != 1.0:
-                raise NotImplementedError(
-                    f"Discrete site '{name}' is in the subsampled plate "
-                    f"'{f.name}' and guide site(s) {offenders} outside that plate "
-                    "run after it; the learning signal of a subsampled element then "
-                    "depends on the other elements and cannot be estimated without "
-                    "bias. Do not subsample this plate, or draw the global site(s) "
-                    "before the local discrete site."
-                )
+            # subsampled or not: the signal summed over the plate is that of the
+            # minibatch objective (terms carry NumPyro's scales), as in Pyro
             tag = (name, f.name, tuple(offenders))
             if warned is None or tag not in warned:
                 if warned is not None:
