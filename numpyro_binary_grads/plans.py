@@ -73,7 +73,7 @@ class Plan:
 
     @classmethod
     def relaxed(cls, T):
-        """REBAR/RELAX, per layer (ESTIMATORS.md section 5): the hard path, then
+        """REBAR/RELAX, per layer (:doc:`the estimator notes </notation>` section 5): the hard path, then
         for each site ``t`` two evaluations in which the sites before ``t``
         keep their hard values, site ``t`` is relaxed at :math:`z_t`
         (evaluation ``2t + 1``) or at :math:`\\tilde z_t` (``2t + 2``), and

@@ -18,14 +18,14 @@ which equals :math:`D` numerically, and backpropagation gives
 
 plus every explicit dependence of :math:`f` on the parameters (model
 parameters, the logits inside :math:`\\log q(D)`, reparameterized sites),
-which is differentiated normally (``ESTIMATORS.md`` 0.2). Discrete log-probs
+which is differentiated normally (:doc:`the estimator notes </notation>` 0.2). Discrete log-probs
 are computed as :math:`\\sum_i v_i \\log\\mathrm{softmax}(\\alpha)_i`, so they are
 differentiable in :math:`v`; the model must accept the one-hot value as a
 float tensor (e.g. use it in a matrix product) for :math:`g_D` to exist.
 
-Notation (``ESTIMATORS.md`` section 0): :math:`\\pi = \\mathrm{softmax}(\\alpha)`,
+Notation (:doc:`the estimator notes </notation>` section 0): :math:`\\pi = \\mathrm{softmax}(\\alpha)`,
 :math:`J(p) = \\mathrm{diag}(p) - p p^\\top` (the Jacobian of softmax at
-output :math:`p`; symmetric). Formulas: ``ESTIMATORS.md`` section 7, except
+output :math:`p`; symmetric). Formulas: :doc:`the estimator notes </notation>` section 7, except
 ReinMax-CV, which follows its authors' code (``docs/estimators/reinmax_cv.rst``).
 """
 
@@ -60,7 +60,7 @@ def conditional_gumbel(alpha, D, v):
     :math:`E = -\\log v`, the top coordinate is
     :math:`\\tilde z_k = \\log\\sum_i e^{\\alpha_i} - \\log E_k` and the others
     :math:`\\tilde z_i = -\\log(E_i e^{-\\alpha_i} + e^{-\\tilde z_k})`
-    (REBAR App. C; Gumbel-Rao eq. (9); ``cond_gumbel`` of ``ESTIMATORS.md``
+    (REBAR App. C; Gumbel-Rao eq. (9); ``cond_gumbel`` of :doc:`the estimator notes </notation>`
     section 5). Detached.
     """
     alpha, D = alpha.detach(), D.detach()
@@ -72,7 +72,7 @@ def conditional_gumbel(alpha, D, v):
 
 def two_classes(alpha, u, b):
     """
-    A Bernoulli site as two classes (``ESTIMATORS.md`` section 7, "two-class
+    A Bernoulli site as two classes (:doc:`the estimator notes </notation>` section 7, "two-class
     form"): logits :math:`(\\alpha, 0)`, one-hot sample :math:`(b, 1 - b)` and
     uniforms whose Gumbels are :math:`(\\mathrm{logit}(u), 0)`, so that
     :math:`b = 1[\\alpha + \\mathrm{logit}(u) > 0]` is the same sample. Class 0 of
@@ -298,7 +298,7 @@ class GumbelRao_ELBO(_StraightThroughELBO):
         \\tilde z^{(k)} \\sim (\\alpha + G \\mid \\arg\\max(\\alpha + G) = D),
 
     the derivative taken with the noise :math:`\\tilde z^{(k)} - \\alpha` held
-    fixed (``ESTIMATORS.md`` 11.2: the only reading whose mean equals ST-GS's,
+    fixed (:doc:`the estimator notes </notation>` 11.2: the only reading whose mean equals ST-GS's,
     as the public implementations do). :math:`\\tilde z^{(1)} = \\alpha + G` is
     the sample's own perturbed logits (a draw from the conditional) and
     :math:`\\tilde z^{(2..K)}` are fresh conditional draws, so ``num_samples=1``
@@ -382,7 +382,7 @@ class ReinMax_ELBO(_StraightThroughELBO):
 class ReinMaxRao_ELBO(_StraightThroughELBO):
     __doc__ = """
     The ELBO with gradients of its ``OneHotCategorical`` guide sites
-    estimated by ReinMax-Rao [1] (*provisional*: formula of ``ESTIMATORS.md``
+    estimated by ReinMax-Rao [1] (*provisional*: formula of :doc:`the estimator notes </notation>`
     section 7, as in the authors' development code ``danielwang0452/ReinMax_ASC``,
     method ``reinmax_v3`` with ``rao_gumbel_v3``; the paper text was not
     available). ReinMax's Jacobian at :math:`\\pi_{1/2}` is replaced by a

@@ -8,7 +8,7 @@ for to a detached estimate :math:`\\hat g_\\alpha` of
 (:mod:`pyro_binary_grads.sites`) backpropagates it with the surrogate
 :math:`\\sum \\alpha \\cdot \\mathrm{sg}(\\hat g_\\alpha)`.
 
-Notation follows ``ESTIMATORS.md``: :math:`u \\sim \\mathcal U(0,1)`,
+Notation follows :doc:`the estimator notes </notation>`: :math:`u \\sim \\mathcal U(0,1)`,
 :math:`b = 1[u < \\sigma(\\alpha)]` (the base evaluation) and the antithetic
 :math:`\\tilde b = 1[1 - u < \\sigma(\\alpha)]` (the evaluation that flips this
 site). ``f`` and ``f_tilde`` are the learning signals of the two evaluations,
@@ -124,7 +124,7 @@ def coupled_categorical(f, f_tilde, D, D_tilde, alpha):
     The stick-breaking antithetic estimator with importance weights for a
     categorical site (Dong, Mnih & Tucker, "Coupled gradient estimators for
     discrete latent variables", NeurIPS 2021; the authors' ``importance_weight``
-    option; ``ESTIMATORS.md`` section 8): in the order of
+    option; :doc:`the estimator notes </notation>` section 8): in the order of
     :func:`stick_breaking_order`, with :math:`z \\ne \\tilde z` the coupled pair
     and :math:`n` the earlier of their positions,
 

@@ -2,7 +2,7 @@
 REBAR and RELAX: unbiased estimators whose control variate is the ELBO
 integrand (or a learned function) at a continuous relaxation of the sample.
 
-Notation (``ESTIMATORS.md`` sections 0, 5, 6). A Bernoulli site has logits
+Notation (:doc:`the estimator notes </notation>` sections 0, 5, 6). A Bernoulli site has logits
 :math:`\\alpha`, perturbed logits :math:`z = \\alpha - \\mathrm{logit}(u)` and
 sample :math:`b = 1[z > 0] = 1[u < \\sigma(\\alpha)]`; a one-hot categorical site has
 :math:`z = \\alpha + G`, :math:`G = -\\log(-\\log u)` and
@@ -90,7 +90,7 @@ def _event_shape(info, alpha):
 def logistic_noise(u):
     """:math:`\\mathrm{logit}(1 - u) = -\\mathrm{logit}(u)`: the perturbation with
     :math:`b = 1[\\alpha - \\mathrm{logit}(u) > 0] = 1[u < \\sigma(\\alpha)]`, the
-    mechanism's sample (``ESTIMATORS.md`` uses :math:`1 - u` for our :math:`u`)."""
+    mechanism's sample (:doc:`the estimator notes </notation>` uses :math:`1 - u` for our :math:`u`)."""
     return torch.log1p(-u) - torch.log(u)
 
 
@@ -101,7 +101,7 @@ def bernoulli_conditional(alpha, u, b):
     :math:`w = 1 - u`, :math:`z = \\alpha + \\mathrm{logit}(w)`,
     :math:`w' = \\sigma(-\\alpha)`): :math:`v = (w - w')/(1 - w')` if :math:`b = 1`,
     :math:`v = w / w'` if :math:`b = 0`, held fixed (detached), and (App. C, in
-    the form that reproduces :math:`\\tilde z = z`; ``ESTIMATORS.md`` 11.1)
+    the form that reproduces :math:`\\tilde z = z`; :doc:`the estimator notes </notation>` 11.1)
 
     .. math::
         \\tilde z = \\begin{cases}
@@ -135,7 +135,7 @@ def gumbel_conditional(alpha, u, D):
     :math:`\\tilde z_k = \\Lambda - \\log E_k` at the sampled class and
     :math:`\\tilde z_i = -\\log(E_i e^{-\\alpha_i} + e^{-\\tilde z_k})` elsewhere, with
     the exponentials :math:`E` derived from :math:`z = \\alpha + G(u)` and held
-    fixed (the categorical analogue of App. G.2, ``ESTIMATORS.md`` section 5):
+    fixed (the categorical analogue of App. G.2, :doc:`the estimator notes </notation>` section 5):
     :math:`\\log E_k = \\Lambda - z_k`,
     :math:`\\log E_i = \\alpha_i - z_i + \\log(1 - e^{z_i - z_k})`.
     Differentiable in ``alpha``; equal to ``z`` in value.
@@ -191,7 +191,7 @@ class REBAR_ELBO(SiteELBO):
             - \\eta\\nabla_\\alpha f(\\sigma_\\lambda(\\tilde z)).
 
     The relaxed integrand is differentiated totally, the relaxed
-    :math:`-\\log q_\\phi(\\sigma_\\lambda(z))` included (``ESTIMATORS.md`` 0.2);
+    :math:`-\\log q_\\phi(\\sigma_\\lambda(z))` included (:doc:`the estimator notes </notation>` 0.2);
     its score term uses the plate-local learning signal of each element.
     Model parameters and reparameterized sites get pathwise gradients at the
     hard sample. :math:`\\tilde z` uses the common random numbers of App. G.2
