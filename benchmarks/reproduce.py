@@ -130,6 +130,13 @@ def configs(budget):
                               "benchmarks/cvae_reference_jax.py",
                               ["--latent", size, "--estimator", "reinmax_cv", "--kl", kl,
                                "--num-steps", str(steps)] + ev, SEED1))
+        # the authors' training loop in PyTorch (benchmarks/cvae_reference_torch.py)
+        for est in ("reinmax_cv", "reinmax"):
+            out.append(Config(f"cvae_{size}_torch_{est}", f"cvae_{size}",
+                              f"PyTorch, the authors' loop: {est}, analytic KL (reference)",
+                              "benchmarks/cvae_reference_torch.py",
+                              ["--latent", size, "--estimator", est, "--num-steps", str(steps)]
+                              + ev, SEED1, REINMAX_CV[size] if est == "reinmax_cv" else ("-", "-")))
     # REBAR table
     steps = 2_000_000 if full else 5000
     ev = ["--eval-every", str(steps // 20), "--eval-size", "1000"]
@@ -222,7 +229,7 @@ def existing(results, budget, name, seed, backend):
     if not path.exists():
         return False
     have = json.loads(path.read_text()).get("backend")
-    if have != backend and have != "jax (hand-written)":  # references are backend-free
+    if have != backend and not str(have).startswith(("jax (", "torch (")):  # references: no backend
         raise SystemExit(f"{path} holds a {have} run; this table is {backend}'s. Move it or "
                          f"pass --results DIR for a {backend} table.")
     return True

@@ -1,4 +1,4 @@
-"""
+r"""
 The ReinMax MNIST-VAE harness (Liu et al. 2023; also Beyond ReinMax): a VAE with
 L one-hot categorical latents of C categories each ("C x L", ``--latent 8x4``),
 encoder 784-512-256-(L*C) and decoder (L*C)-256-512-784 with ReLU, uniform prior,

@@ -1,4 +1,4 @@
-"""
+r"""
 Learning signals and gradient surrogates of the site mechanism
 (:mod:`numpyro_binary_grads.sites`). Each model/guide log-prob term is
 reduced to a discrete site's plate layout (summed over the plates the site

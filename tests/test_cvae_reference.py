@@ -6,6 +6,10 @@ Checks of the hand-written categorical-VAE reference step
   ReinMax-CV (authors' form) give, on the same noise, the gradient that the
   plugin's surrogates (``numpyro_binary_grads.categorical``) give: two
   independent implementations of ``docs/estimators/reinmax_cv.rst``;
+* the PyTorch reference's backward pass (``benchmarks/cvae_reference_torch.py``,
+  the authors' loop) gives, on the same noise, the JAX reference's gradient
+  (float64 both, to 1e-10), with the analytic KL's upstream gradient added
+  through :math:`J(\\pi)`;
 * its ``--kl sample`` gradient is, in expectation, the ``--kl analytic``
   gradient :math:`J(\\pi)\\log\\pi` (ReinMax at :math:`\\tau = 1` is exact for
   integrands linear in :math:`D`, Liu et al. 2023: :math:`\\mathbb E[J(\\pi_{1/2})]
@@ -75,6 +79,37 @@ def test_backward_matches_plugin_surrogates():
         # the value is the hard sample
         A, B, W = ref.backward_terms("reinmax_cv", alpha, D, G, v, tau, eta)
         np.testing.assert_array_equal(np.asarray(ref.st_sample(alpha, D, A, B, W)), np.asarray(D))
+
+
+def test_torch_reference_backward_matches_the_jax_reference():
+    import torch
+    import cvae_reference_torch as tref
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        shape, K, eta = (3, 2, 5), 7, 1.5
+        for seed, (est, tau) in enumerate((("reinmax", 1.3), ("reinmax_cv", 1.3),
+                                           ("reinmax_cv", 1.0))):
+            key = jax.random.PRNGKey(seed)
+            alpha = 1.5 * jax.random.normal(key, shape, jnp.float64)
+            G, D, v = ref.sample_noise(jax.random.fold_in(key, 1), alpha, K)
+            c = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.float64)
+            M = jax.random.normal(jax.random.fold_in(key, 3), (shape[-1],) * 2, jnp.float64)
+            A, B, W = ref.backward_terms(est, alpha, D, G, v, tau, eta)
+            z, vjp = jax.vjp(lambda a: ref.st_sample(a, D, A, B, W), alpha)
+            g = jax.grad(lambda z: _f(z, c, M))(z)
+            g_pi = jax.random.normal(jax.random.fold_in(key, 4), shape, jnp.float64)
+            pi = jax.nn.softmax(alpha, -1)
+            want = vjp(g)[0] + ref.jvp_softmax(pi, g_pi)
+            t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+            S = jax.nn.softmax((alpha + G) / tau, -1)
+            got = tref.estimate(t(alpha), t(D), t(S), t(g), t(g_pi),
+                                {"estimator": est, "tau": tau, "eta": eta, "K": K},
+                                E=t(-jnp.log(v)))
+            assert float(jnp.max(jnp.abs(want))) > 1e-2
+            np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-10, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def test_sample_kl_gradient_is_analytic_in_expectation():
