@@ -74,7 +74,8 @@ def estimate(alpha, D, S, g, g_pi, cfg, E=None):
     (``g`` at D, ``g_pi`` at pi), the forward soft sample ``S`` and, for ReinMax-CV,
     the Gumbel-Rao draws' exponentials ``E`` (drawn here when None)."""
     tau, pi = cfg["tau"], alpha.softmax(-1)
-    tau_rm = 1.0 if cfg["estimator"] == "reinmax_cv" else tau  # "fix this temp to 1.0"
+    tau_rm = cfg.get("tau_reinmax") or (1.0 if cfg["estimator"] == "reinmax_cv" else tau)
+    tau2 = cfg.get("tau2") or tau  # the Gumbel-Rao and Gumbel-softmax temperature
     half = 0.5 * ((alpha / tau_rm).softmax(-1) + D)
     grad = 2 * jvp_softmax(half, g) + jvp_softmax(pi, g_pi - 0.5 * g)
     if cfg["estimator"] == "reinmax_cv":
@@ -82,8 +83,8 @@ def estimate(alpha, D, S, g, g_pi, cfg, E=None):
         if E is None:
             E = torch.empty((cfg["K"],) + theta.shape, dtype=theta.dtype).exponential_()
         z = conditional_gumbel_logits(theta, D, E)
-        gr = jvp_softmax((z / tau).softmax(-1), g.unsqueeze(0)).mean(0) / tau
-        gs = jvp_softmax((theta + S).softmax(-1), g) / tau
+        gr = jvp_softmax((z / tau2).softmax(-1), g.unsqueeze(0)).mean(0) / tau2
+        gs = jvp_softmax((theta + S).softmax(-1), g) / tau2
         grad = grad + cfg["eta"] * (gr - gs)
     return grad
 
@@ -144,6 +145,13 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--optim", choices=("adam", "radam"), default=None)
     p.add_argument("--rao-samples", type=int, default=100)
+    p.add_argument("--tau2", type=float, default=None,
+                   help="ReinMax-CV's Gumbel-Rao / Gumbel-softmax temperature (default: "
+                        "--temperature, as the authors' latest reinmax_jacobians.py; one stored "
+                        "version hard-codes 0.5)")
+    p.add_argument("--reinmax-temperature", type=float, default=None,
+                   help="ReinMax-CV's ReinMax temperature (default 1, as the latest version; "
+                        "the 0.5 version uses --temperature)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data", type=Path, default=DATA_DIR / "mnist.npz")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "cvae_reference_torch")
@@ -169,7 +177,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    name = f"cvae_reference_torch_{args.latent}_{args.estimator}_s{args.seed}"
+    tag = f"_tau2_{args.tau2:g}" if args.tau2 else ""
+    name = f"cvae_reference_torch_{args.latent}_{args.estimator}{tag}_s{args.seed}"
     common.check_outputs(args, name)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -183,7 +192,7 @@ def main(argv=None):
     opt = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[args.optim](
         model.parameters(), lr=args.lr)
     cfg = {"estimator": args.estimator, "tau": args.temperature, "eta": args.eta,
-           "K": args.rao_samples}
+           "K": args.rao_samples, "tau2": args.tau2, "tau_reinmax": args.reinmax_temperature}
     curve, history, tests, train_time = [], [], [], 0.0
     for epoch in range(1, args.epochs + 1):
         total, t = 0.0, time.perf_counter()
@@ -212,6 +221,7 @@ def main(argv=None):
         "eta": args.eta if args.estimator == "reinmax_cv" else None,
         "cv_form": "authors" if args.estimator == "reinmax_cv" else None,
         "rao_samples": args.rao_samples if args.estimator == "reinmax_cv" else None,
+        "tau2": args.tau2, "reinmax_temperature": args.reinmax_temperature,
         "seed": args.seed, "data": str(args.data), "targets": "grey/255",
         # the authors' figures: -(last epoch's running loss), -(one test pass)
         "train_objective_last_epoch": -curve[-1][1], "test_elbo": -curve[-1][2],

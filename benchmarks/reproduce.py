@@ -137,6 +137,14 @@ def configs(budget):
                               "benchmarks/cvae_reference_torch.py",
                               ["--latent", size, "--estimator", est, "--num-steps", str(steps)]
                               + ev, SEED1, REINMAX_CV[size] if est == "reinmax_cv" else ("-", "-")))
+    # the other stored version of the authors' reinmax_jacobians.py (fe1ee7bc): ReinMax at the
+    # model's temperature, the Gumbel-Rao / Gumbel-softmax terms at tau2 = 0.5 (8 x 4: tau = 1)
+    out.append(Config("cvae_8x4_torch_reinmax_cv_tau2_0.5", "cvae_8x4",
+                      "PyTorch, the authors' loop: reinmax_cv, tau2 = 0.5 (fe1ee7bc), analytic KL",
+                      "benchmarks/cvae_reference_torch.py",
+                      ["--latent", "8x4", "--estimator", "reinmax_cv", "--tau2", "0.5",
+                       "--reinmax-temperature", "1.0", "--num-steps", str(steps)] + ev, SEED1,
+                      REINMAX_CV["8x4"]))
     # REBAR table
     steps = 2_000_000 if full else 5000
     ev = ["--eval-every", str(steps // 20), "--eval-size", "1000"]
