@@ -13,3 +13,26 @@ _here = os.path.dirname(os.path.abspath(__file__))
 for _d in (os.path.join(_here, "numpyro"), os.path.join(_here, "pyro"), _here):
     if _d not in sys.path:
         sys.path.insert(0, _d)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _global_precision_unchanged(request):
+    """Fails a test that leaves JAX's ``jax_enable_x64`` or torch's default dtype changed:
+    both are process-global, and a test that flips them makes later tests in the same
+    worker compute in another precision (CI once failed 33 float64 tests that way)."""
+    jax = sys.modules.get("jax")
+    torch = sys.modules.get("torch")
+    before = (jax.config.read("jax_enable_x64") if jax else None,
+              torch.get_default_dtype() if torch else None)
+    yield
+    after = (jax.config.read("jax_enable_x64") if jax else None,
+             torch.get_default_dtype() if torch else None)
+    if jax is None:
+        after = (None, after[1])
+    if torch is None:
+        after = (after[0], None)
+    assert after == before, (f"{request.node.nodeid} left (jax_enable_x64, torch default "
+                             f"dtype) = {after}, was {before}: restore it in a finally block")

@@ -85,6 +85,7 @@ def test_torch_reference_backward_matches_the_jax_reference():
     import torch
     import cvae_reference_torch as tref
 
+    previous = jax.config.read("jax_enable_x64")  # process-global: restored below
     jax.config.update("jax_enable_x64", True)
     try:
         shape, K, eta = (3, 2, 5), 7, 1.5
@@ -109,7 +110,7 @@ def test_torch_reference_backward_matches_the_jax_reference():
             assert float(jnp.max(jnp.abs(want))) > 1e-2
             np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-10, atol=1e-12)
     finally:
-        jax.config.update("jax_enable_x64", False)
+        jax.config.update("jax_enable_x64", previous)
 
 
 def test_sample_kl_gradient_is_analytic_in_expectation():
