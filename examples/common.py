@@ -4,12 +4,9 @@ Helpers shared by the examples (``sbn.py``, ``structured_prediction.py``,
 
 * :func:`limit_threads` (call before importing torch / jax: ``--threads``
   intra-op threads, the libraries' choice by default; see :data:`DEFAULT_THREADS`),
-* a tiny backend layer (:func:`get_backend`) so that one model / guide
-  definition runs under Pyro and NumPyro: ``bk.sample``, ``bk.param``,
-  ``bk.plate(x, idx, num_data)``, ``bk.dist``, ``bk.ops`` (activations,
-  stop-gradient),
-* numpy parameter initialisation (:func:`linear_init`: ``nn.Linear``'s
-  uniform(+-1/sqrt(fan_in))), identical for both backends,
+* the backend layer (``backends.py``, re-exported here: :func:`get_backend`,
+  :func:`linear_init`, :func:`mlp_init`, :func:`mlp`) so that one model / guide
+  definition runs under Pyro and NumPyro,
 * the estimator registry (:func:`make_elbo`: ``--estimator`` name -> class of
   the chosen backend, with a clear error when the backend lacks it),
 * trainers (:class:`PyroTrainer`, :class:`NumPyroTrainer`: one optimizer step
@@ -17,27 +14,32 @@ Helpers shared by the examples (``sbn.py``, ``structured_prediction.py``,
 * the test bound (:func:`make_bound`: the K-sample importance-weighted bound per
   example, chunked over data and samples; ``iwae_bound`` of the backend's
   package when it has one),
-* the training loop with tqdm (:func:`train`), the plot (:func:`save_plot`) and
-  the final JSON line (:func:`finish`).
+* the command-line arguments shared by the examples and the presets,
+* the run reporting (``reporting.py``, re-exported here): the training loop with
+  tqdm (:func:`train`), the plot (:func:`save_plot`), the drift check and the
+  final JSON line (:func:`finish`).
 """
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-
-import checkpoint  # noqa: E402  (examples/checkpoint.py)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 # An installed package wins; otherwise use the checkout this file is in.
 sys.path.append(str(ROOT))
+
+# the backend layer and the run reporting live in their own modules; the examples use
+# them through this one (``common.get_backend``, ``common.train``, ...)
+from backends import (NumPyroBackend, PyroBackend, _JaxOps, _TorchOps,  # noqa: E402,F401
+                      get_backend, linear_init, mlp, mlp_init)
+from reporting import (check_outputs, drift_summary, finish, mean_last,  # noqa: E402,F401
+                       print_summary, save_plot, train)
 
 
 #: the default of ``--threads``: 0, what torch / XLA pick (one thread per core).
@@ -195,152 +197,6 @@ def _numpyro_tracegraph():
                                                  idx, B, **kwargs)
 
     return ScaleOnceTraceGraph_ELBO
-
-
-# ---------------------------------------------------------------------------
-# backends: one model definition for Pyro and NumPyro
-
-
-class _TorchOps:
-    def __init__(self):
-        import torch
-        import torch.nn.functional as F
-
-        self.tanh = torch.tanh
-        self.relu = torch.relu
-        self.leaky_relu = lambda x: F.leaky_relu(x, 0.3)
-        self.sg = lambda x: x.detach()
-        self.zeros = lambda shape: torch.zeros(shape)
-
-    @staticmethod
-    def reshape(x, shape):
-        return x.reshape(shape)
-
-
-class _JaxOps:
-    def __init__(self):
-        import jax
-        import jax.numpy as jnp
-
-        self.tanh = jnp.tanh
-        self.relu = jax.nn.relu
-        self.leaky_relu = lambda x: jax.nn.leaky_relu(x, 0.3)
-        self.sg = jax.lax.stop_gradient
-        self.zeros = lambda shape: jnp.zeros(shape)
-
-    @staticmethod
-    def reshape(x, shape):
-        return x.reshape(shape)
-
-
-class PyroBackend:
-    name = "pyro"
-
-    def __init__(self, init_params):
-        import torch
-        import pyro
-        import pyro.distributions as dist
-
-        self.pyro, self.dist, self.torch = pyro, dist, torch
-        self.ops = _TorchOps()
-        pyro.clear_param_store()
-        for k, v in init_params.items():
-            pyro.param(k, torch.as_tensor(np.asarray(v, np.float32)).clone())
-        self.names = list(init_params)
-
-    def params(self):
-        return {k: self.pyro.param(k) for k in self.names}
-
-    def sample(self, name, fn, obs=None):
-        return self.pyro.sample(name, fn, obs=obs)
-
-    def plate(self, idx, num_data):
-        return self.pyro.plate("data", num_data, subsample=idx)
-
-    def asarray(self, x):
-        return self.torch.as_tensor(x)
-
-    def one_hot_categorical(self, logits):
-        from pyro_binary_grads import OneHotCategorical
-
-        return OneHotCategorical(logits=logits)
-
-
-class NumPyroBackend:
-    name = "numpyro"
-
-    def __init__(self, init_params):
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as dist
-        from numpyro import handlers
-
-        self.numpyro, self.dist, self.handlers, self.jnp = numpyro, dist, handlers, jnp
-        self.ops = _JaxOps()
-        self.init = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in init_params.items()}
-
-    def params(self):
-        return {k: self.numpyro.param(k, v) for k, v in self.init.items()}
-
-    def sample(self, name, fn, obs=None):
-        return self.numpyro.sample(name, fn, obs=obs)
-
-    def plate(self, idx, num_data):
-        # a plate of the batch size, scaled to the data set (NumPyro's
-        # subsample_size would draw a permutation of num_data rows every step)
-        from contextlib import ExitStack
-
-        stack = ExitStack()
-        stack.enter_context(self.handlers.scale(scale=num_data / idx.shape[0]))
-        stack.enter_context(self.numpyro.plate("data", idx.shape[0], dim=-1))
-        return stack
-
-    def asarray(self, x):
-        return self.jnp.asarray(x)
-
-    def one_hot_categorical(self, logits):
-        from numpyro_binary_grads import OneHotCategorical
-
-        return OneHotCategorical(logits=logits)
-
-
-def get_backend(name, init_params):
-    if name == "pyro":
-        return PyroBackend(init_params)
-    if name == "numpyro":
-        return NumPyroBackend(init_params)
-    raise SystemExit(f"--backend must be pyro or numpyro, got {name!r}")
-
-
-# ---------------------------------------------------------------------------
-# parameters (numpy, shared by both backends)
-
-
-def linear_init(rng, fan_in, fan_out, name, params, bias=None):
-    """``nn.Linear``'s init, weight stored (fan_in, fan_out): ``params[name+'_W'/'_b']``."""
-    lim = 1.0 / math.sqrt(fan_in)
-    params[name + "_W"] = rng.uniform(-lim, lim, (fan_in, fan_out)).astype(np.float32)
-    params[name + "_b"] = (
-        rng.uniform(-lim, lim, fan_out).astype(np.float32) if bias is None
-        else np.asarray(bias, np.float32)
-    )
-
-
-def mlp_init(rng, sizes, name, params, out_bias=None):
-    """Layers ``name0, name1, ...`` of an MLP with ``sizes`` (in, h1, ..., out)."""
-    for i in range(len(sizes) - 1):
-        last = i == len(sizes) - 2
-        linear_init(rng, sizes[i], sizes[i + 1], f"{name}{i}", params,
-                    out_bias if last else None)
-
-
-def mlp(P, name, x, n_layers, act):
-    """Apply an MLP initialised by :func:`mlp_init` (``act`` between layers)."""
-    for i in range(n_layers):
-        x = x @ P[f"{name}{i}_W"] + P[f"{name}{i}_b"]
-        if i < n_layers - 1:
-            x = act(x)
-    return x
 
 
 # ---------------------------------------------------------------------------
@@ -579,7 +435,7 @@ def _numpyro_bound(bk, model, guide, make_args, chunk, sample_chunk):
 
 
 # ---------------------------------------------------------------------------
-# arguments, training loop, plot, result
+# arguments
 
 
 def add_common_args(p, default_out, estimators, default_estimator):
@@ -622,39 +478,6 @@ def add_common_args(p, default_out, estimators, default_estimator):
                         "choice, one per core; 1 is fastest for small batches on a busy or "
                         "shared machine or with several runs at once)")
     return p
-
-
-def check_outputs(args, name, suffixes=(".json", ".png")):
-    """Refuse to start (``SystemExit``) when ``<out>/<name>`` outputs of an earlier
-    run exist and ``--overwrite`` was not given."""
-    if getattr(args, "overwrite", False):
-        return
-    found = [args.out / f"{name}{s}" for s in suffixes if (args.out / f"{name}{s}").exists()]
-    if found:
-        raise SystemExit(
-            f"{found[0]} exists (an earlier run with these settings). Pass --overwrite to "
-            "replace it, or --tag SUFFIX / --out DIR to keep both."
-        )
-
-
-def print_summary(result):
-    """One readable line: train objective (last tenth), test bound(s), ms/step, plot."""
-    parts = [f"{result.get('example', 'run')} [{result.get('backend')}"
-             + (f", {result['estimator']}" if "estimator" in result else "") + "]",
-             f"{result.get('steps')} steps"]
-    train = result.get("train_objective_last10pct")
-    if train is not None:
-        parts.append(f"train objective {train:.2f} (mean of the last tenth)")
-    for k, v in result.items():
-        if k.startswith("test_bound_") and not k.endswith("_subset") and v is not None:
-            size = result.get("test_size")
-            parts.append(f"test {k[len('test_bound_'):]}-sample bound {v:.2f}"
-                         + (f" ({size} examples)" if size else ""))
-    if result.get("ms_per_step") is not None:
-        parts.append(f"{result['ms_per_step']:.1f} ms/step")
-    if result.get("plot"):
-        parts.append(f"plot {result['plot']}")
-    print(" | ".join(parts), flush=True)
 
 
 DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz",
@@ -705,140 +528,6 @@ def set_seeds(backend, seed):
         torch.manual_seed(seed)
         pyro.set_rng_seed(seed)
         pyro.enable_validation(False)
-
-
-def train(args, trainer, batches, step_args, evaluate, desc):
-    """
-    The training loop: ``loss = trainer.step(*step_args(batch))`` for each
-    batch; ``evaluate(step)`` (a float) at step 0, every ``args.eval_every``
-    steps and at the end. Returns ``history`` [(step, -loss)], ``tests``
-    [(step, value)], training seconds (excluding evaluations; includes the
-    first steps' compilation under jit, reported apart as ``first_step_s``).
-    """
-    from tqdm import tqdm
-
-    if getattr(args, "eval_every", None) is None:
-        args.eval_every = max(1, min(10_000, (args.num_steps or 10_000) // 10))
-    ckpt = checkpoint.Resumable(
-        getattr(args, "checkpoint", None) or Path(args.out) / f"{desc.replace('/', '_')}.ckpt",
-        getattr(args, "checkpoint_every", 0), getattr(args, "resume", False))
-    loop, batches = ckpt.start(trainer, batches, checkpoint.settings_of(args))
-    if loop is None:
-        loop = {"step": 0, "history": [], "tests": [(0, evaluate(0))], "train_time": 0.0,
-                "first": None, "running": None, "resumed_at": []}
-    else:
-        loop["resumed_at"].append(loop["step"])
-    history, tests, start = loop["history"], loop["tests"], loop["step"]
-    train_time, first, running = loop["train_time"], loop["first"], loop["running"]
-    args.resumed_at = loop["resumed_at"]
-    bar = tqdm(batches, total=args.num_steps, initial=start, disable=args.no_progress,
-               file=sys.stderr, desc=desc, mininterval=2.0)
-    for step, batch in enumerate(bar, start + 1):
-        t = time.perf_counter()
-        loss = trainer.step(*step_args(batch))
-        dt = time.perf_counter() - t
-        if first is None:
-            first = dt
-        else:
-            train_time += dt
-        value = -loss / args.num_data
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss at step {step}: {loss}")
-        history.append((step, value))
-        running = value if running is None else 0.99 * running + 0.01 * value
-        if step % args.eval_every == 0 or step == args.num_steps:
-            tests.append((step, evaluate(step)))
-        if step % 50 == 0 or step == args.num_steps:
-            bar.set_postfix(train=f"{running:.2f}", test=f"{tests[-1][1]:.2f}")
-        ckpt.maybe_save(step, args.num_steps, trainer, {
-            "step": step, "history": history, "tests": tests, "train_time": train_time,
-            "first": first, "running": running, "resumed_at": args.resumed_at})
-    bar.close()
-    ckpt.finish()
-    return history, tests, train_time, first or 0.0
-
-
-def save_plot(path, history, tests, title, test_label, ylabel="nats per example", final=None):
-    """
-    The training curve (per step and smoothed), the periodic test bound
-    (``tests``, every point inside the axes, the first included) and, with
-    ``final = (value, n)``, the final test bound on ``n`` examples (the full
-    test set by default) as a star at the last step. Returns the y limits.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([h[0] for h in history])
-    values = np.array([h[1] for h in history])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(steps, values, color="0.8", lw=0.5, label="train objective (minibatch)")
-    w = min(200, len(values) // 5)
-    if w > 1:
-        smooth = np.convolve(values, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1 :], smooth, color="C0", label=f"train objective ({w}-step mean)")
-    points = [t[1] for t in tests]
-    if tests:
-        ts = np.array(tests)
-        ax.plot(ts[:, 0], ts[:, 1], "o-", color="C1", label=test_label)
-    if final is not None:
-        value, n = final
-        ax.plot([steps[-1] if len(steps) else 0], [value], "*", color="C3", ms=12,
-                label=f"final test bound, {n} examples: {value:.2f}")
-        points.append(value)
-    # the y range: the curve without its first tenth (the initial transient) and
-    # every test point
-    tail = values[len(values) // 10 :] if len(values) > 20 else values
-    lo = min([np.percentile(tail, 1)] + points) if len(tail) else min(points)
-    hi = max([values.max()] + points) if len(values) else max(points)
-    pad = 0.05 * (hi - lo) + 1
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return ax.get_ylim()
-
-
-def drift_summary(history, parts=10):
-    """
-    The training objective averaged over each tenth of the run: the best tenth,
-    the last tenth, and ``drift`` = best - last (nats; > 2 marks a run that got
-    worse while it trained, as a collapsing estimator does). ``None`` values for
-    runs shorter than ``parts`` steps.
-    """
-    values = np.array([h[1] for h in history], dtype=float)
-    if len(values) < parts:
-        return {"train_objective_best_tenth": None, "train_objective_last_tenth": None,
-                "train_objective_drift": None}
-    means = [float(c.mean()) for c in np.array_split(values, parts)]
-    best, last = max(means), means[-1]
-    return {"train_objective_best_tenth": best, "best_tenth_index": int(np.argmax(means)),
-            "train_objective_last_tenth": last, "train_objective_drift": best - last}
-
-
-def finish(args, name, result, history, tests):
-    """
-    Write ``<out>/<name>.json`` (with the curves) and print the JSON line; the
-    line gets :func:`drift_summary`'s fields.
-    """
-    result = {**result, **drift_summary(history)}
-    if getattr(args, "resumed_at", None):
-        result["resumed_at"] = list(args.resumed_at)  # steps of the checkpoints resumed from
-    with open(args.out / f"{name}.json", "w") as fh:
-        json.dump({**result, "history": history, "tests": tests}, fh)
-    print(json.dumps(result), flush=True)
-    return result
-
-
-def mean_last(history, frac=0.1, at_least=100):
-    n = max(1, min(len(history), max(at_least, int(len(history) * frac))))
-    return float(np.mean([h[1] for h in history[-n:]]))
 
 
 def eval_subset(n_total, n, seed):
