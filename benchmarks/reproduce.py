@@ -309,7 +309,8 @@ def render(records, cfgs, budget, path, plot_dir):
             if cvae:
                 test = [r.get("test_elbo") for r in rs]
                 b = [r.get(_test_key(r)) for r in rs]
-                notes.append(f"- `{c.name}`: test 100-sample bound {fmt(b)}")
+                if any(v is not None for v in b):  # the PyTorch reference reports none
+                    notes.append(f"- `{c.name}`: test 100-sample bound {fmt(b)}")
             else:
                 test = [r.get(_test_key(r)) for r in rs]
             drift = [r["seed"] for r in rs
