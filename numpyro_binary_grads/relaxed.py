@@ -465,46 +465,56 @@ class REBAR_ELBO(SiteELBO):
         """
         check_rng_key(type(self).__name__, rng_key)
         guide_params = self._inspect_guide(rng_key, param_map, guide, args, kwargs)
-        out = super().loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)
         psi = {n: param_map[n] for n in self.adapted_names() if n in param_map}
-        phi = {
-            n: param_map[n] for n in guide_params
+        phi = [
+            n for n in guide_params
             if not n.startswith("_bg_") and n in param_map and _inexact(param_map[n])
-        }
-        if psi and phi:
-            term = self._variance_term(rng_key, param_map, psi, phi, model, guide, args, kwargs)
-            out = dict(out, loss=out["loss"] + term)
-        return out
+        ]
+        if not (psi and phi):
+            return super().loss_with_mutable_state(
+                rng_key, param_map, model, guide, *args, **kwargs)
+        return self._with_variance_gradient(
+            rng_key, param_map, psi, phi, model, guide, args, kwargs)
 
-    def _variance_term(self, rng_key, param_map, psi, phi, model, guide, args, kwargs):
+    def _with_variance_gradient(self, rng_key, param_map, psi, phi, model, guide, args, kwargs):
         """
-        ``sum(psi * sg(dVar/dpsi - dL/dpsi))``, value 0: with it the loss's
-        gradient w.r.t. the adapted params ``psi`` is the single-sample
-        variance gradient :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}`
-        (RELAX eq. (6)) instead of the ELBO gradient. :math:`\\hat g_\\phi` is
-        ``jax.grad`` of the same loss (same key, hence the same noise) w.r.t.
-        the guide's params ``phi``, differentiated again w.r.t. ``psi``.
+        The loss, equal in value to the estimator's, whose gradient w.r.t. the
+        adapted params ``psi`` is the single-sample variance gradient
+        :math:`\\nabla_\\psi \\overline{\\hat g_\\phi^2}` (RELAX eq. (6)) and
+        w.r.t. every other param :math:`\\theta` the estimator
+        :math:`\\hat g_\\theta`. One evaluation serves both:
+        :math:`\\hat g = ` ``jax.grad`` of the estimator's loss w.r.t. all
+        params but ``psi`` is returned through the surrogate
+        :math:`\\theta \\cdot \\mathrm{sg}(\\hat g_\\theta)`, and its mean square
+        over the guide's params ``phi`` is differentiated w.r.t. ``psi`` by one
+        reverse pass (same key, hence the same noise). (Letting SVI
+        differentiate the loss again instead repeats the evaluation and its
+        gradient: the REBAR-table SBN step, linear one-layer, batch 24, took
+        5.4-5.5 ms instead of 4.1-4.3 ms on one CPU thread.)
         """
         base = super().loss_with_mutable_state
         fixed = stop_gradient(param_map)
+        rest = {n: v for n, v in param_map.items() if n not in psi and _inexact(v)}
 
         def loss_and_variance(psi_):
-            def loss_of(phi_):
-                params = {**fixed, **psi_, **phi_}
-                return base(rng_key, params, model, guide, *args, **kwargs)["loss"]
+            def loss_of(rest_):
+                out = base(rng_key, {**fixed, **rest_, **psi_}, model, guide, *args, **kwargs)
+                return out["loss"], out["mutable_state"]
 
-            loss, g = jax.value_and_grad(loss_of)(stop_gradient(phi))
-            leaves = jax.tree.leaves(g)
+            (loss, state), g = jax.value_and_grad(loss_of, has_aux=True)(stop_gradient(rest))
+            leaves = jax.tree.leaves([g[n] for n in phi])
             n = sum(x.size for x in leaves)
-            return loss, sum(jnp.sum(x * x) for x in leaves) / n
+            return (loss, sum(jnp.sum(x * x) for x in leaves) / n), (g, state)
 
-        (loss, var), pullback = jax.vjp(loss_and_variance, stop_gradient(psi))
-        (dloss,) = pullback((jnp.ones_like(loss), jnp.zeros_like(var)))
+        (loss, var), pullback, (g, state) = jax.vjp(
+            loss_and_variance, stop_gradient(psi), has_aux=True)
         (dvar,) = pullback((jnp.zeros_like(loss), jnp.ones_like(var)))
-        term = 0.0  # weakly typed: the sum takes the dtype of the parameters
-        for p, gv, gl in zip(jax.tree.leaves(psi), jax.tree.leaves(dvar), jax.tree.leaves(dloss)):
-            term = term + jnp.sum(p * stop_gradient(gv - gl))
-        return term - stop_gradient(term)
+        surr = 0.0  # weakly typed: the sum takes the dtype of the parameters
+        for params, grads in ((rest, g), (psi, dvar)):
+            for p, gp in zip(jax.tree.leaves(params), jax.tree.leaves(grads)):
+                surr = surr + jnp.sum(p * stop_gradient(gp))
+        return {"loss": stop_gradient(loss) + (surr - stop_gradient(surr)),
+                "mutable_state": state}
 
 
 def _is_discrete_latent(site):
