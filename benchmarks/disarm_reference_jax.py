@@ -25,7 +25,6 @@ pathwise gradient of the pair's mean ``f``. The JSON line has the keys of
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -83,13 +82,15 @@ def surrogate(P, key, x, mean):
     return -jnp.mean(value + score - stop_gradient(score)), -jnp.mean(value)
 
 
-def iwae(P, key, x, mean, K=100, chunk=10):
-    """Per-example K-sample bound log 1/K sum_k p(x, b_k) / q(b_k | x)."""
+def iwae(P, key, x, mean, K=100, chunk=10, joint=None):
+    """Per-example K-sample bound log 1/K sum_k p(x, b_k) / q(b_k | x)
+    (``joint(P, x, b, a)``: ``log p(x, b) - log q(b | x)``, default :func:`log_joint`)."""
+    joint = log_joint if joint is None else joint
     a = encoder_logits(P, x, mean)
 
     def draws(k):
         b = (jax.random.uniform(k, (chunk,) + a.shape) < jax.nn.sigmoid(a)).astype(a.dtype)
-        return jax.vmap(lambda bb: log_joint(P, x, bb, a))(b)
+        return jax.vmap(lambda bb: joint(P, x, bb, a))(b)
 
     keys = jax.random.split(key, K // chunk)
     lw = jnp.concatenate([draws(k) for k in keys], 0)

@@ -159,6 +159,10 @@ def configs(budget):
                                   ["--preset", "rebar", "--model", m, "--estimator", est,
                                    "--num-steps", str(steps)] + ev, SEED1,
                                   REBAR_TABLE.get((task, m), ("-", "-"))))
+    # hand-written jitted JAX REBAR of the gen. linear1 setup (benchmarks/rebar_reference_jax.py)
+    out.append(Config("gen_linear1_handwritten", "rebar_gen_linear1",
+                      "hand-written JAX REBAR (reference)", "benchmarks/rebar_reference_jax.py",
+                      ["--num-steps", str(steps)] + ev, SEED1, REBAR_TABLE[("gen", "linear1")]))
     return out
 
 

@@ -1,0 +1,89 @@
+"""
+Check of the hand-written REBAR reference step (``benchmarks/rebar_reference_jax.py``):
+on the same uniforms, its gradients of every network parameter (the estimator)
+and of the unconstrained temperature and eta (the variance gradient) equal those
+of ``numpyro_binary_grads.REBAR_ELBO(adapt=True)`` on the same linear one-layer
+SBN written as a NumPyro program (data plate scaled ``N / B``, the example's
+gradient scale ``1 / N``): two independent implementations of the estimator of
+``examples/sbn.py --preset rebar --estimator rebar``.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.infer.util import transform_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import rebar_reference_jax as ref  # noqa: E402
+from numpyro_binary_grads import REBAR_ELBO  # noqa: E402
+
+B, D, H, N = 5, 12, 4, 1000.0
+
+
+def _program(P0, mean):
+    def model(x):
+        P = {k: numpyro.param(k, v) for k, v in P0.items() if not k.startswith("enc")}
+        with numpyro.plate("data", B), handlers.scale(scale=N / B):
+            b = numpyro.sample("b1", dist.Bernoulli(logits=P["prior_logits"]).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=(2 * b - 1) @ P["dec0_W"] + P["dec0_b"])
+                           .to_event(1), obs=x)
+
+    def guide(x):
+        P = {k: numpyro.param(k, v) for k, v in P0.items() if k.startswith("enc")}
+        with numpyro.plate("data", B), handlers.scale(scale=N / B):
+            numpyro.sample("b1", dist.Bernoulli(logits=(x - mean) @ P["enc0_W"] + P["enc0_b"])
+                           .to_event(1))
+
+    return model, guide
+
+
+def test_reference_step_matches_plugin_on_the_same_noise():
+    compared = 0
+    for seed in range(3):
+        keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+        P = {"prior_logits": 0.5 * jax.random.normal(keys[0], (H,)),
+             "dec0_W": jax.random.normal(keys[1], (H, D)),
+             "dec0_b": 0.3 * jax.random.normal(keys[2], (D,)),
+             "enc0_W": 0.5 * jax.random.normal(keys[3], (D, H)),
+             "enc0_b": 0.5 * jax.random.normal(keys[4], (H,))}
+        x = (jax.random.uniform(keys[5], (B, D)) < 0.4).astype(jnp.float32)
+        mean = jnp.full((D,), 0.4)
+        u = jax.random.uniform(keys[6], (B, H), minval=1e-6, maxval=1 - 1e-6)
+        lam, eta = 0.3 + 0.2 * seed, 0.8 + 0.3 * seed
+        psi = {"rho": jnp.log(jnp.float32(lam - ref.TEMPERATURE_MIN)),
+               "kappa": jnp.float32(np.log(eta / (2 - eta)))}
+        g_ref, dpsi_ref, loss_ref = jax.jit(ref.step_grads)(P, psi, u, x, mean, N)
+
+        model, guide = _program(P, mean)
+        elbo = REBAR_ELBO(temperature=lam, eta=eta)
+        wrapped = elbo.wrap_guide(guide)
+        elbo._noise = {"b1": u}
+        constrained = {**P, "_bg_b1_temperature": jnp.float32(lam), "_bg_b1_eta": jnp.float32(eta)}
+        # the plugin's adapted params as SVI holds them: unconstrained, NumPyro's transforms
+        transforms = {"_bg_b1_temperature": dist.biject_to(
+            dist.constraints.greater_than(ref.TEMPERATURE_MIN)),
+            "_bg_b1_eta": dist.biject_to(dist.constraints.interval(0.0, 2.0))}
+        unconstrained = {**P, **{k: transforms[k].inv(constrained[k]) for k in transforms}}
+        loss, grads = jax.value_and_grad(
+            lambda p: elbo.loss(keys[7], transform_fn(transforms, p), model, wrapped, x))(
+            unconstrained)
+        np.testing.assert_allclose(float(loss) / N, float(loss_ref), rtol=1e-5)
+        for k in P:
+            assert float(jnp.max(jnp.abs(g_ref[k]))) > 1e-3  # nonzero gradients are compared
+            np.testing.assert_allclose(np.asarray(grads[k]) / N, np.asarray(g_ref[k]),
+                                       rtol=2e-3, atol=2e-4 * float(jnp.max(jnp.abs(g_ref[k]))))
+        for mine, theirs in (("rho", "_bg_b1_temperature"), ("kappa", "_bg_b1_eta")):
+            assert abs(float(dpsi_ref[mine])) > 1e-6
+            np.testing.assert_allclose(float(grads[theirs]) / N, float(dpsi_ref[mine]), rtol=2e-3)
+            compared += 1
+    assert compared == 6
