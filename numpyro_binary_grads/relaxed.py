@@ -491,6 +491,13 @@ class REBAR_ELBO(SiteELBO):
         differentiate the loss again instead repeats the evaluation and its
         gradient: the REBAR-table SBN step, linear one-layer, batch 24, took
         5.4-5.5 ms instead of 4.1-4.3 ms on one CPU thread.)
+
+        The returned loss is therefore a surrogate in the params only: its
+        value and its first derivatives w.r.t. ``param_map`` are exact (what
+        SVI uses), but its derivative w.r.t. anything else (the model's
+        arguments, say) is 0, and it has no second derivatives. For those,
+        differentiate the loss of ``adapt=False`` (same value and same
+        gradients w.r.t. every param but the adapted ones).
         """
         base = super().loss_with_mutable_state
         fixed = stop_gradient(param_map)

@@ -101,7 +101,14 @@ def test_loss_value_is_the_elbo_estimate():
     stats.check_unbiased(draws, np.array([exact]))
 
 
-def test_mutable_state_is_returned():
+@pytest.mark.parametrize("make", [
+    DisARM_ELBO,
+    lambda: numpyro_binary_grads.REBAR_ELBO(adapt=False),
+    # adapted: the state comes back from inside the variance gradient's pullback
+    numpyro_binary_grads.REBAR_ELBO,
+    lambda: numpyro_binary_grads.RELAX_ELBO(hidden_size=4),
+], ids=["disarm", "rebar_fixed", "rebar_adapted", "relax_adapted"])
+def test_mutable_state_is_returned(make):
     def model(x):
         state = mutable("count", {"n": jnp.zeros(())})
         state["n"] = state["n"] + 1.0
@@ -115,17 +122,28 @@ def test_mutable_state_is_returned():
             numpyro.sample("b", dist.Bernoulli(logits=q))
 
     x = jnp.array([0.5, -0.2, 1.0])
-    out = DisARM_ELBO().loss_with_mutable_state(
-        jax.random.PRNGKey(0), {"q": jnp.zeros(3)}, model, guide, x)
+    elbo = make()
+    wrap = getattr(elbo, "wrap_guide", None)
+    guide = guide if wrap is None else wrap(guide)
+    svi = SVI(model, guide, optax.adam(0.01), elbo)
+    state = svi.init(jax.random.PRNGKey(0), x)
+    params = svi.get_params(state)
+    assert any(k.startswith("_bg_") for k in params) == getattr(elbo, "adapts", False)
+    out = elbo.loss_with_mutable_state(jax.random.PRNGKey(0), params, model, guide, x)
     assert set(out["mutable_state"]) == {"count"}
     assert float(out["mutable_state"]["count"]["n"]) == 1.0
-    svi = SVI(model, guide, optax.adam(0.01), DisARM_ELBO())
-    state = svi.init(jax.random.PRNGKey(0), x)
     update = jax.jit(svi.update)
+    before = float(state.mutable_state["count"]["n"])
     for _ in range(3):
         state, loss = update(state, x)
     assert np.isfinite(float(loss))
-    assert float(state.mutable_state["count"]["n"]) >= 3.0
+    assert float(state.mutable_state["count"]["n"]) == before + 3.0
+    # the adapted params moved (their gradient reached the optimizer)
+    for k, v in svi.get_params(state).items():
+        if k.startswith("_bg_"):
+            moved = [not np.allclose(np.asarray(a), np.asarray(b))
+                     for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(params[k]))]
+            assert any(moved), k
 
 
 def test_probs_parameterization_matches_logits():
