@@ -86,6 +86,14 @@ def conditional(alpha, u, b):
                      -jax.nn.softplus(-logit_v + jax.nn.softplus(-alpha)))
 
 
+def shown_values(setup, psi):
+    """``(lambda, eta)`` to report (the authors' setup: the mean of its etas)."""
+    if setup == "authors":
+        etas = [2 * jax.nn.sigmoid(k) for k in psi["kappa"].values()]
+        return jnp.exp(psi["rho"]), sum(etas) / len(etas)
+    return adapted_values(psi)
+
+
 def adapted_values(psi):
     """``(lambda, eta)`` from their unconstrained values ``psi``."""
     return TEMPERATURE_MIN + jnp.exp(psi["rho"]), 2 * jax.nn.sigmoid(psi["kappa"])
@@ -131,6 +139,72 @@ def write_partial(args, history, tests, adapted):
         {"steps": len(history), "curve": curve, "tests": tests, "adapted": adapted}) + "\n")
 
 
+# -- the authors' setup (tensorflow/models research/rebar, SBNDynamicRebar) --------
+
+
+def authors_psi(key, dim, hidden=100):
+    """The authors' adapted params: log temperature (init log 0.5), one eta per
+    parameter tensor (``2 sigmoid(0)``), and the input-dependent baseline
+    ``x - xbar -> 100 tanh -> 1`` (TF1 variance-scaling init, zero biases)."""
+    k1, k2 = jax.random.split(key)
+
+    def w(k, n_in, n_out):  # variance_scaling_initializer(): truncated normal, sd sqrt(1.3 * 2 / n_in)
+        return jax.random.truncated_normal(k, -2.0, 2.0, (n_in, n_out)) * math.sqrt(2.6 / n_in)
+
+    return {"rho": jnp.log(jnp.float32(0.5)),
+            "kappa": {k: jnp.float32(0.0) for k in PARAM_NAMES},
+            "baseline": {"W0": w(k1, dim, hidden), "b0": jnp.zeros(hidden),
+                         "W1": w(k2, hidden, 1), "b1": jnp.zeros(1)}}
+
+
+PARAM_NAMES = ("prior_logits", "dec0_W", "dec0_b", "enc0_W", "enc0_b")
+
+
+def authors_step_grads(P, psi, u, x, mean, num_data=None):
+    """The authors' estimator and variance gradient. Differences from
+    :func:`step_grads`: the REINFORCE signal is centred by a learned baseline
+    ``B(x)``; the relaxation is MuProp's ``sigma(z / lambda + alpha lambda / (lambda + 1))``;
+    each parameter tensor ``v`` has its own ``eta_v`` multiplying its control-variate
+    gradient, ``g_v = grad_v[-(f(b) - B) log q(b) - log p(x, b)]
+    + eta_v grad_v[f(s(z~)) log q(b) - f(s(z)) + f(s(z~))]`` (``rebar.py``,
+    ``get_dynamic_rebar_gradient``); the temperature, the etas and ``B`` are trained on
+    ``mean(g^2)`` over all parameters (model and guide), ``lambda = exp(rho)``."""
+    def grads(psi_):
+        lam = jnp.exp(psi_["rho"])
+        a = encoder_logits(P, x, mean)
+
+        def relax(z):
+            return jax.nn.sigmoid(z / lam + a * lam / (lam + 1))
+
+        z = a + jnp.log1p(-u) - jnp.log(u)
+        b = sg((z > 0).astype(a.dtype))
+        h = jnp.tanh((x - mean) @ psi_["baseline"]["W0"] + psi_["baseline"]["b0"])
+        base = (h @ psi_["baseline"]["W1"] + psi_["baseline"]["b1"])[:, 0]
+        score = b - jax.nn.sigmoid(sg(a))
+
+        def f_loss(P_):
+            a_ = encoder_logits(P_, x, mean)
+            f_b = log_joint(P_, x, b, sg(a_))
+            coef = (sg(f_b) - base)[:, None] * score
+            return -jnp.mean(f_b + jnp.sum((a_ - sg(a_)) * coef, -1)), -jnp.mean(f_b)
+
+        def h_loss(P_):
+            a_ = encoder_logits(P_, x, mean)
+            zt = conditional(a_, u, b)
+            f_z = log_joint(P_, x, relax(a_ + jnp.log1p(-u) - jnp.log(u)), a_)
+            f_zt = log_joint(P_, x, relax(zt), a_)
+            return jnp.mean(jnp.sum((a_ - sg(a_)) * f_zt[:, None] * score, -1) - f_z + f_zt)
+
+        (_, loss), fg = jax.value_and_grad(f_loss, has_aux=True)(P)
+        hg = jax.grad(h_loss)(P)
+        g = {k: fg[k] + 2 * jax.nn.sigmoid(psi_["kappa"][k]) * hg[k] for k in P}
+        var = sum(jnp.sum(v * v) for v in g.values()) / sum(v.size for v in g.values())
+        return var, (g, loss)
+
+    dpsi, (g, loss) = jax.grad(grads, has_aux=True)(psi)
+    return g, dpsi, loss
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-steps", type=int, default=2_000_000)
@@ -139,6 +213,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--setup", choices=("plugin", "authors"), default="plugin",
+                   help="plugin: REBAR_ELBO's estimator in examples/sbn.py; authors: "
+                   "their released SBNDynamicRebar (learned baseline, MuProp relaxation, "
+                   "per-tensor eta, variance over all params)")
     p.add_argument("--eval-every", type=int, default=100_000)
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "rebar_reference")
@@ -155,8 +233,13 @@ def main(argv=None):
     P = init_params(train, rng)
     mean = jnp.asarray(train.mean().astype(np.float32))
     num_data = float(len(train))
-    psi = {"rho": jnp.log(jnp.float32(args.temperature - TEMPERATURE_MIN)),
-           "kappa": jnp.float32(math.log(args.eta / (2 - args.eta)))}
+    if args.setup == "authors":
+        psi = authors_psi(jax.random.PRNGKey(args.seed + 7), train.dim)
+        grads_fn = authors_step_grads
+    else:
+        psi = {"rho": jnp.log(jnp.float32(args.temperature - TEMPERATURE_MIN)),
+               "kappa": jnp.float32(math.log(args.eta / (2 - args.eta)))}
+        grads_fn = step_grads
     betas = dict(b1=0.9, b2=0.99999)
     tx, tx_psi = optax.adam(args.lr, **betas), optax.adam(ADAPTED_LR_FACTOR * args.lr, **betas)
     state = (P, psi, tx.init(P), tx_psi.init(psi), jax.random.PRNGKey(args.seed))
@@ -167,7 +250,7 @@ def main(argv=None):
         key, sub = jax.random.split(key)
         u = jax.random.uniform(sub, (x.shape[0], params["enc0_b"].shape[-1]),
                                minval=jnp.finfo(jnp.float32).tiny)
-        g, dpsi, loss = step_grads(params, psi, u, x, mean, num_data)
+        g, dpsi, loss = grads_fn(params, psi, u, x, mean, num_data)
         upd, opt = tx.update(g, opt, params)
         upd_psi, opt_psi = tx_psi.update(dpsi, opt_psi, psi)
         return (optax.apply_updates(params, upd), optax.apply_updates(psi, upd_psi), opt,
@@ -199,7 +282,7 @@ def main(argv=None):
         history.append((step, -loss))
         if step % args.eval_every == 0 or step == args.num_steps:
             tests.append((step, evaluate(state[0], x_eval, jax.random.fold_in(ekey, step))))
-            adapted.append((step, *map(float, adapted_values(state[1]))))
+            adapted.append((step, *map(float, shown_values(args.setup, state[1]))))
             write_partial(args, history, tests, adapted)
             if not args.no_progress:
                 print(f"step {step}: train {common.mean_last(history):.3f} test {tests[-1][1]:.3f}"
@@ -207,11 +290,11 @@ def main(argv=None):
     x_test = jnp.asarray(test.fixed_binarization(None, 0))
     final = evaluate(state[0], x_test, jax.random.PRNGKey(999))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"rebar_reference_jax_s{args.seed}"
+    name = f"rebar_reference_jax_{args.setup}_s{args.seed}"
     steps = len(history)
     result = {
         "example": "rebar_reference_jax", "backend": "jax (hand-written)", "model": "linear1",
-        "estimator": "rebar", "steps": steps, "batch_size": 24, "lr": args.lr, "seed": args.seed,
+        "estimator": "rebar", "setup": args.setup, "steps": steps, "batch_size": 24, "lr": args.lr, "seed": args.seed,
         "train_objective_last10pct": common.mean_last(history),
         "test_bound_100_subset": tests[-1][1], "eval_size": int(x_eval.shape[0]),
         "test_bound_100": final, "test_size": int(x_test.shape[0]),
@@ -220,7 +303,8 @@ def main(argv=None):
         "wall_time_s": time.perf_counter() - t0, "plot": str(args.out / f"{name}.png"),
     }
     common.save_plot(args.out / f"{name}.png", history, tests,
-                     "hand-written JAX REBAR, linear1, static MNIST", "test 100-sample bound")
+                     f"hand-written JAX REBAR ({args.setup}'s setup), linear1, static MNIST",
+                     "test 100-sample bound")
     return common.finish(args, name, result, history, tests)
 
 

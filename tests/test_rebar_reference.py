@@ -8,6 +8,7 @@ gradient scale ``1 / N``): two independent implementations of the estimator of
 ``examples/sbn.py --preset rebar --estimator rebar``.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -87,3 +88,47 @@ def test_reference_step_matches_plugin_on_the_same_noise():
             np.testing.assert_allclose(float(grads[theirs]) / N, float(dpsi_ref[mine]), rtol=2e-3)
             compared += 1
     assert compared == 6
+
+
+def _exact_grads(P, x, mean):
+    """The exact gradient of the per-example ELBO (the batch mean), by enumerating b."""
+    bs = jnp.asarray(np.array(np.meshgrid(*[[0.0, 1.0]] * H, indexing="ij")).reshape(H, -1).T,
+                     jnp.float32)
+
+    def elbo(P_):
+        a = (x - mean) @ P_["enc0_W"] + P_["enc0_b"]
+        f = jax.vmap(lambda b: ref.log_joint(P_, x, jnp.broadcast_to(b, a.shape), a))(bs)
+        logq = jax.vmap(lambda b: ref.log_bern(jnp.broadcast_to(b, a.shape), a))(bs)
+        return jnp.mean(jnp.sum(jnp.exp(logq) * f, 0))
+
+    return jax.grad(lambda p: -elbo(p))(P)
+
+
+def test_reference_estimators_are_unbiased():
+    """Both setups' gradients (the plugin's and the authors', with a random baseline
+    and etas away from 1) average to the enumerated gradient: 5 standard errors,
+    on coordinates whose exact value is many standard errors from 0 (power)."""
+    keys = jax.random.split(jax.random.PRNGKey(11), 8)
+    P = {"prior_logits": 0.5 * jax.random.normal(keys[0], (H,)),
+         "dec0_W": jax.random.normal(keys[1], (H, D)),
+         "dec0_b": 0.3 * jax.random.normal(keys[2], (D,)),
+         "enc0_W": 0.5 * jax.random.normal(keys[3], (D, H)),
+         "enc0_b": 0.5 * jax.random.normal(keys[4], (H,))}
+    x = (jax.random.uniform(keys[5], (B, D)) < 0.4).astype(jnp.float32)
+    mean = jnp.full((D,), 0.4)
+    exact = _exact_grads(P, x, mean)
+    psi_authors = ref.authors_psi(keys[6], D, hidden=6)
+    psi_authors["rho"] = jnp.log(jnp.float32(0.3))
+    psi_authors["kappa"] = {k: jnp.float32(0.4 * i - 0.8) for i, k in enumerate(ref.PARAM_NAMES)}
+    psi_plugin = {"rho": jnp.log(jnp.float32(0.3)), "kappa": jnp.float32(0.5)}
+    n = 40_000
+    us = jax.random.uniform(keys[7], (n, B, H), minval=1e-6, maxval=1 - 1e-6)
+    for fn, psi in ((ref.step_grads, psi_plugin), (ref.authors_step_grads, psi_authors)):
+        g = jax.jit(jax.vmap(lambda u: fn(P, psi, u, x, mean, N)[0]))(us)
+        strong = 0
+        for k in P:
+            m, se = np.asarray(jnp.mean(g[k], 0)), np.asarray(jnp.std(g[k], 0)) / math.sqrt(n)
+            z = np.abs(m - np.asarray(exact[k])) / np.maximum(se, 1e-12)
+            assert z.max() < 5.0, (fn.__name__, k, z.max())
+            strong += int(np.sum(np.abs(np.asarray(exact[k])) > 20 * se))
+        assert strong >= 10, (fn.__name__, strong)
