@@ -28,15 +28,17 @@ example ``n`` is::
     f_n(b) + sum_i alpha_ni sg([f_n(b) - eta f_n(s(z~))] (b_ni - sigma(alpha_ni)))
            + eta [f_n(s(z)) - f_n(s(z~))],      s(z) = sigma(z / lambda),
 
-``f_n(b)``'s ``log q`` detached, the relaxed terms differentiated totally (the
-decoder and prior get their pathwise gradient at ``b`` plus the zero-mean
-``eta [grad f(s(z)) - grad f(s(z~))]``, as in the plugin). The temperature
+``f_n(b)``'s ``log q`` detached, the relaxed terms differentiated totally, as in
+the plugin (the decoder and prior get their pathwise gradient at ``b``; their
+``eta [grad f(s(z)) - grad f(s(z~))]`` is exactly 0, since ``z~ = z`` in value and
+they see only the value). The temperature
 ``lambda = 0.01 + exp(rho)`` and ``eta = 2 sigmoid(kappa)`` (NumPyro's
 transforms of the plugin's constraints) get the single-sample variance gradient
 ``N d/d(rho, kappa) mean(g_phi^2)`` (RELAX eq. (6); ``g_phi`` the estimator's
-gradient of the per-example loss over the encoder's weights and biases, ``N`` the
-training-set size: the plugin differentiates the data-set loss's gradient and the
-example divides by ``N``), by a second reverse pass with the same noise, with Adam
+gradient of the per-example loss over every parameter: the plugin takes the guide's
+params, and ``examples/sbn.py``'s guide declares all of them through ``bk.params()``;
+``N`` the training-set size: the plugin differentiates the data-set loss's gradient
+and the example divides by ``N``), by a second reverse pass with the same noise, with Adam
 at 10x the learning rate (REBAR App. G), as ``examples/common.py`` does.
 
     python benchmarks/rebar_reference_jax.py --num-steps 2000000
@@ -114,17 +116,21 @@ def surrogate(P, psi, u, x, mean):
     return -jnp.mean(surr), -jnp.mean(f_b)
 
 
+def mean_square(g):
+    """The mean of the squared gradient over all its coordinates."""
+    return sum(jnp.sum(v * v) for v in g.values()) / sum(v.size for v in g.values())
+
+
+def variance(P, psi, u, x, mean, num_data):
+    """``(N mean(g^2), (g, -ELBO))``: the objective of ``psi`` and the estimator ``g``."""
+    (_, loss), g = jax.value_and_grad(surrogate, has_aux=True)(P, psi, u, x, mean)
+    return num_data * mean_square(g), (g, loss)
+
+
 def step_grads(P, psi, u, x, mean, num_data):
     """Gradients of every network param (the estimator) and of ``psi`` (the
     variance gradient), and the minibatch's -ELBO."""
-
-    def inner(psi_):
-        (_, loss), g = jax.value_and_grad(surrogate, has_aux=True)(P, psi_, u, x, mean)
-        enc = [g["enc0_W"], g["enc0_b"]]
-        var = sum(jnp.sum(v * v) for v in enc) / sum(v.size for v in enc)
-        return num_data * var, (g, loss)
-
-    dpsi, (g, loss) = jax.grad(inner, has_aux=True)(psi)
+    dpsi, (g, loss) = jax.grad(variance, 1, has_aux=True)(P, psi, u, x, mean, num_data)
     return g, dpsi, loss
 
 
@@ -160,48 +166,50 @@ def authors_psi(key, dim, hidden=100):
 PARAM_NAMES = ("prior_logits", "dec0_W", "dec0_b", "enc0_W", "enc0_b")
 
 
-def authors_step_grads(P, psi, u, x, mean, num_data=None):
-    """The authors' estimator and variance gradient. Differences from
-    :func:`step_grads`: the REINFORCE signal is centred by a learned baseline
-    ``B(x)``; the relaxation is MuProp's ``sigma(z / lambda + alpha lambda / (lambda + 1))``;
-    each parameter tensor ``v`` has its own ``eta_v`` multiplying its control-variate
-    gradient, ``g_v = grad_v[-(f(b) - B) log q(b) - log p(x, b)]
+def authors_variance(P, psi, u, x, mean, num_data=None):
+    """``(mean(g^2), (g, -ELBO))`` of the authors' estimator ``g``. Differences from
+    :func:`variance`: the REINFORCE signal is centred by a learned baseline
+    ``B(x)``; the relaxation is MuProp's ``sigma(z / lambda + alpha lambda / (lambda + 1))``
+    (``alpha`` differentiated, as theirs); each parameter tensor ``v`` has its own
+    ``eta_v`` multiplying its control-variate gradient,
+    ``g_v = grad_v[-(f(b) - B) log q(b) - log p(x, b)]
     + eta_v grad_v[f(s(z~)) log q(b) - f(s(z)) + f(s(z~))]`` (``rebar.py``,
     ``get_dynamic_rebar_gradient``); the temperature, the etas and ``B`` are trained on
-    ``mean(g^2)`` over all parameters (model and guide), ``lambda = exp(rho)``."""
-    def grads(psi_):
-        lam = jnp.exp(psi_["rho"])
-        a = encoder_logits(P, x, mean)
+    ``mean(g^2)`` over all parameters (model and guide), ``lambda = exp(rho)``, without
+    the factor ``N`` (their loss is the per-example one)."""
+    lam = jnp.exp(psi["rho"])
+    a = encoder_logits(P, x, mean)
+    logistic = jnp.log1p(-u) - jnp.log(u)
+    b = sg((a + logistic > 0).astype(a.dtype))
+    h = jnp.tanh((x - mean) @ psi["baseline"]["W0"] + psi["baseline"]["b0"])
+    base = (h @ psi["baseline"]["W1"] + psi["baseline"]["b1"])[:, 0]
+    score = b - jax.nn.sigmoid(sg(a))
+
+    def f_loss(P_):
+        a_ = encoder_logits(P_, x, mean)
+        f_b = log_joint(P_, x, b, sg(a_))
+        coef = (sg(f_b) - base)[:, None] * score
+        return -jnp.mean(f_b + jnp.sum((a_ - sg(a_)) * coef, -1)), -jnp.mean(f_b)
+
+    def h_loss(P_):
+        a_ = encoder_logits(P_, x, mean)
 
         def relax(z):
-            return jax.nn.sigmoid(z / lam + a * lam / (lam + 1))
+            return jax.nn.sigmoid(z / lam + a_ * lam / (lam + 1))
 
-        z = a + jnp.log1p(-u) - jnp.log(u)
-        b = sg((z > 0).astype(a.dtype))
-        h = jnp.tanh((x - mean) @ psi_["baseline"]["W0"] + psi_["baseline"]["b0"])
-        base = (h @ psi_["baseline"]["W1"] + psi_["baseline"]["b1"])[:, 0]
-        score = b - jax.nn.sigmoid(sg(a))
+        f_z = log_joint(P_, x, relax(a_ + logistic), a_)
+        f_zt = log_joint(P_, x, relax(conditional(a_, u, b)), a_)
+        return jnp.mean(jnp.sum((a_ - sg(a_)) * f_zt[:, None] * score, -1) - f_z + f_zt)
 
-        def f_loss(P_):
-            a_ = encoder_logits(P_, x, mean)
-            f_b = log_joint(P_, x, b, sg(a_))
-            coef = (sg(f_b) - base)[:, None] * score
-            return -jnp.mean(f_b + jnp.sum((a_ - sg(a_)) * coef, -1)), -jnp.mean(f_b)
+    (_, loss), fg = jax.value_and_grad(f_loss, has_aux=True)(P)
+    hg = jax.grad(h_loss)(P)
+    g = {k: fg[k] + 2 * jax.nn.sigmoid(psi["kappa"][k]) * hg[k] for k in P}
+    return mean_square(g), (g, loss)
 
-        def h_loss(P_):
-            a_ = encoder_logits(P_, x, mean)
-            zt = conditional(a_, u, b)
-            f_z = log_joint(P_, x, relax(a_ + jnp.log1p(-u) - jnp.log(u)), a_)
-            f_zt = log_joint(P_, x, relax(zt), a_)
-            return jnp.mean(jnp.sum((a_ - sg(a_)) * f_zt[:, None] * score, -1) - f_z + f_zt)
 
-        (_, loss), fg = jax.value_and_grad(f_loss, has_aux=True)(P)
-        hg = jax.grad(h_loss)(P)
-        g = {k: fg[k] + 2 * jax.nn.sigmoid(psi_["kappa"][k]) * hg[k] for k in P}
-        var = sum(jnp.sum(v * v) for v in g.values()) / sum(v.size for v in g.values())
-        return var, (g, loss)
-
-    dpsi, (g, loss) = jax.grad(grads, has_aux=True)(psi)
+def authors_step_grads(P, psi, u, x, mean, num_data=None):
+    """As :func:`step_grads` for :func:`authors_variance`."""
+    dpsi, (g, loss) = jax.grad(authors_variance, 1, has_aux=True)(P, psi, u, x, mean)
     return g, dpsi, loss
 
 
@@ -211,8 +219,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=DATA_DIR / "binarized_mnist.npz")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.5,
+                   help="initial temperature (--setup plugin; the authors': 0.5)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="initial eta (--setup plugin; the authors': 1 per tensor)")
     p.add_argument("--setup", choices=("plugin", "authors"), default="plugin",
                    help="plugin: REBAR_ELBO's estimator in examples/sbn.py; authors: "
                    "their released SBNDynamicRebar (learned baseline, MuProp relaxation, "

@@ -495,9 +495,10 @@ class REBAR_ELBO(SiteELBO):
         The returned loss is therefore a surrogate in the params only: its
         value and its first derivatives w.r.t. ``param_map`` are exact (what
         SVI uses), but its derivative w.r.t. anything else (the model's
-        arguments, say) is 0, and it has no second derivatives. For those,
-        differentiate the loss of ``adapt=False`` (same value and same
-        gradients w.r.t. every param but the adapted ones).
+        arguments, say) is 0, and its second derivatives are not the
+        estimator's (0 or meaningless). For those, differentiate the loss of
+        ``REBAR_ELBO(adapt=False)`` built with the current temperature and eta
+        (same value, same gradients w.r.t. every param but the adapted ones).
         """
         base = super().loss_with_mutable_state
         fixed = stop_gradient(param_map)

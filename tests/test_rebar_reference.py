@@ -32,15 +32,17 @@ B, D, H, N = 5, 12, 4, 1000.0
 
 
 def _program(P0, mean):
+    # every param declared in the model and in the guide, as examples/sbn.py's bk.params()
+    # does: the plugin's variance objective is over the guide's params, all five tensors
     def model(x):
-        P = {k: numpyro.param(k, v) for k, v in P0.items() if not k.startswith("enc")}
+        P = {k: numpyro.param(k, v) for k, v in P0.items()}
         with numpyro.plate("data", B), handlers.scale(scale=N / B):
             b = numpyro.sample("b1", dist.Bernoulli(logits=P["prior_logits"]).to_event(1))
             numpyro.sample("x", dist.Bernoulli(logits=(2 * b - 1) @ P["dec0_W"] + P["dec0_b"])
                            .to_event(1), obs=x)
 
     def guide(x):
-        P = {k: numpyro.param(k, v) for k, v in P0.items() if k.startswith("enc")}
+        P = {k: numpyro.param(k, v) for k, v in P0.items()}
         with numpyro.plate("data", B), handlers.scale(scale=N / B):
             numpyro.sample("b1", dist.Bernoulli(logits=(x - mean) @ P["enc0_W"] + P["enc0_b"])
                            .to_event(1))
@@ -107,7 +109,8 @@ def _exact_grads(P, x, mean):
 def test_reference_estimators_are_unbiased():
     """Both setups' gradients (the plugin's and the authors', with a random baseline
     and etas away from 1) average to the enumerated gradient: 5 standard errors,
-    on coordinates whose exact value is many standard errors from 0 (power)."""
+    with coordinates of every tensor whose exact value is 10 standard errors from 0
+    (power)."""
     keys = jax.random.split(jax.random.PRNGKey(11), 8)
     P = {"prior_logits": 0.5 * jax.random.normal(keys[0], (H,)),
          "dec0_W": jax.random.normal(keys[1], (H, D)),
@@ -125,10 +128,57 @@ def test_reference_estimators_are_unbiased():
     us = jax.random.uniform(keys[7], (n, B, H), minval=1e-6, maxval=1 - 1e-6)
     for fn, psi in ((ref.step_grads, psi_plugin), (ref.authors_step_grads, psi_authors)):
         g = jax.jit(jax.vmap(lambda u: fn(P, psi, u, x, mean, N)[0]))(us)
-        strong = 0
         for k in P:
             m, se = np.asarray(jnp.mean(g[k], 0)), np.asarray(jnp.std(g[k], 0)) / math.sqrt(n)
             z = np.abs(m - np.asarray(exact[k])) / np.maximum(se, 1e-12)
             assert z.max() < 5.0, (fn.__name__, k, z.max())
-            strong += int(np.sum(np.abs(np.asarray(exact[k])) > 20 * se))
-        assert strong >= 10, (fn.__name__, strong)
+            strong = int(np.sum(np.abs(np.asarray(exact[k])) > 10 * se))
+            # power: on every tensor, the encoder's included (where a REBAR bias would
+            # show), some coordinates are 10 standard errors from 0
+            assert strong >= (5 if k == "enc0_W" else 1), (fn.__name__, k, strong)
+
+
+def test_reference_variance_gradients_are_derivatives_of_the_mean_square():
+    """Both setups' psi-gradients (temperature, eta(s), the authors' baseline weights)
+    equal central differences of their mean-square objective at fixed noise (float64)."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.PRNGKey(3), 8)
+        P = {"prior_logits": 0.5 * jax.random.normal(keys[0], (H,)),
+             "dec0_W": jax.random.normal(keys[1], (H, D)),
+             "dec0_b": 0.3 * jax.random.normal(keys[2], (D,)),
+             "enc0_W": 0.5 * jax.random.normal(keys[3], (D, H)),
+             "enc0_b": 0.5 * jax.random.normal(keys[4], (H,))}
+        x = (jax.random.uniform(keys[5], (B, D)) < 0.4).astype(jnp.float64)
+        mean = jnp.full((D,), 0.4)
+        u = jax.random.uniform(keys[6], (B, H), minval=1e-6, maxval=1 - 1e-6)
+        psi_a = ref.authors_psi(keys[7], D, hidden=6)
+        psi_a["rho"] = jnp.log(jnp.asarray(0.4))
+        psi_a["kappa"] = {k: jnp.asarray(0.3 * i - 0.6) for i, k in enumerate(ref.PARAM_NAMES)}
+        cases = [
+            (ref.variance, ref.step_grads,
+             {"rho": jnp.log(jnp.asarray(0.4 - ref.TEMPERATURE_MIN)), "kappa": jnp.asarray(0.3)},
+             [("rho",), ("kappa",)]),
+            (ref.authors_variance, ref.authors_step_grads, psi_a,
+             [("rho",), ("kappa", "enc0_W"), ("kappa", "enc0_b"), ("baseline", "W0"),
+              ("baseline", "W1")]),
+        ]
+        h = 1e-5
+        for var_fn, step_fn, psi, probes in cases:
+            dpsi = step_fn(P, psi, u, x, mean, N)[1]
+            for path in probes:
+                def poke(d, path=path):
+                    new = jax.tree.map(lambda v: v, psi)
+                    node = new
+                    for k in path[:-1]:
+                        node = node[k]
+                    leaf = node[path[-1]]
+                    node[path[-1]] = leaf + d if leaf.ndim == 0 else leaf.at[(0,) * leaf.ndim].add(d)
+                    return float(var_fn(P, new, u, x, mean, N)[0])
+
+                fd = (poke(h) - poke(-h)) / (2 * h)
+                got = dpsi
+                for k in path:
+                    got = got[k]
+                got = float(got if got.ndim == 0 else got[(0,) * got.ndim])
+                assert abs(fd) > 1e-8, (var_fn.__name__, path)
+                assert abs(got - fd) <= 1e-5 * abs(fd) + 1e-10, (var_fn.__name__, path, got, fd)
