@@ -43,6 +43,7 @@ marked in the table (an estimator that collapses as it trains).
 import argparse
 from concurrent.futures import ThreadPoolExecutor
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -349,11 +350,41 @@ def render(records, cfgs, budget, path, plot_dir):
                   "exists): " + ", ".join(missing) + ".", ""]
     lines += [HAND_WRITTEN]
     path.write_text("\n".join(lines) + (kept or "\n"))
-    _render_rst(sections, header, budget, plot_dir.parent / "results.rst", missing)
+    explained = kept.split(SMALL_BUDGET, 1)[0].strip()  # the hand-written full-budget notes
+    _render_rst(sections, header, budget, plot_dir.parent / "results.rst", missing, explained)
     return setups
 
 
-def _render_rst(sections, header, budget, path, missing):
+def _md_to_rst(text):
+    """The subset of Markdown the hand-written notes use: headings, bullets, code, links,
+    tables and images under ``docs/``."""
+    out, table = [], []
+    for line in text.splitlines() + [""]:
+        m = re.fullmatch(r"!\[[^\]]*\]\(docs/([^)]+)\)", line.strip())
+        if m:  # an image of the docs' tree, as the generated sections show theirs
+            out += [f".. image:: {m.group(1)}", "   :width: 90%"]
+            continue
+        line = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r"`\1 <\2>`_", line)
+        line = re.sub(r"(?<!`)`([^`]+)`(?!`)", r"``\1``", line)
+        if line.startswith("|"):  # a table row; the |---| row is dropped
+            if not re.fullmatch(r"\|[-|: ]+\|", line):
+                table.append([c.strip() or "-" for c in line.strip("|").split("|")])
+            continue
+        if table:
+            out += [".. list-table::", "   :header-rows: 1", ""]
+            for row in table:
+                out += ["   * - " + row[0]] + [f"     - {c}" for c in row[1:]]
+            out, table = out + [""], []
+        m = re.match(r"(#+) (.*)", line)
+        if m:
+            title = m.group(2)
+            out += [title, ("-" if len(m.group(1)) == 2 else "~") * len(title)]
+        else:
+            out.append(line)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _render_rst(sections, header, budget, path, missing, explained=""):
     """The docs' results page: the same tables and plots as RESULTS.md."""
     out = ["Results", "=======", "",
            "Published numbers reproduced at the papers' full budgets with the NumPyro backend "
@@ -375,6 +406,8 @@ def _render_rst(sections, header, budget, path, missing):
         out += ["", f".. image:: results/{budget}_{setup}.png", "   :width: 90%", ""]
     if missing:
         out += ["Not run yet: " + ", ".join(m.replace("`", "``") for m in missing) + ".", ""]
+    if explained:  # RESULTS.md's hand-written notes on the full-budget rows, one source
+        out += [_md_to_rst(explained), ""]
     path.write_text("\n".join(out))
 
 
@@ -416,6 +449,7 @@ def _plot(setup, title, series, png, sign):
 
 #: RESULTS.md keeps everything below this line when re-rendered (hand-written sections)
 HAND_WRITTEN = "<!-- Sections below are written by hand; reproduce.py keeps them. -->"
+SMALL_BUDGET = "## Earlier small-budget runs"
 
 
 def main(argv=None):
