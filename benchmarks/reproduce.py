@@ -364,8 +364,8 @@ def _md_to_rst(text):
         if m:  # an image of the docs' tree, as the generated sections show theirs
             out += [f".. image:: {m.group(1)}", "   :width: 90%"]
             continue
+        line = re.sub(r"(?<!`)`([^`]+)`(?!`)", r"``\1``", line)  # code, then links
         line = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r"`\1 <\2>`_", line)
-        line = re.sub(r"(?<!`)`([^`]+)`(?!`)", r"``\1``", line)
         if line.startswith("|"):  # a table row; the |---| row is dropped
             if not re.fullmatch(r"\|[-|: ]+\|", line):
                 table.append([c.strip() or "-" for c in line.strip("|").split("|")])

@@ -85,3 +85,34 @@ def test_existing_refuses_another_backends_record(tmp_path):
         raise AssertionError("a Pyro record was taken for a NumPyro run")
     path.write_text(json.dumps({**rec, "backend": "torch (the authors' loop)"}))  # references
     assert reproduce.existing(tmp_path, "full", rec["name"], 0, "numpyro")
+
+
+def test_hand_written_notes_are_kept_and_reach_the_docs_page(tmp_path):
+    import docutils.core
+    import io
+
+    results = tmp_path / "results"
+    (results / "full").mkdir(parents=True)
+    rec = _record("cvae_8x4_reinmax", 0, _history(False))
+    reproduce.record_path(results, "full", rec["name"], 0).write_text(json.dumps(rec))
+    md = tmp_path / "RESULTS.md"
+    notes = ("\n## Why a row misses\n\nSee `tests/x.py` and [the paper](https://a.b/c).\n\n"
+             "| step | ours | theirs |\n|---|---|---|\n| 100k | -1.0 / -2.0 | |\n\n"
+             "![why](docs/results/why.png)\n\n- a bullet with **bold**\n\n")
+    small = "## Earlier small-budget runs (Pyro backend)\n\nold table\n"
+    md.write_text("stale generated part\n" + reproduce.HAND_WRITTEN + notes + small)
+    reproduce.render(reproduce.load_records(results, "full"), reproduce.configs("full"),
+                     "full", md, tmp_path / "docs" / "results")
+    text = md.read_text()
+    assert "stale generated part" not in text
+    assert text.endswith(reproduce.HAND_WRITTEN + notes + small)  # kept as written
+    rst = (tmp_path / "docs" / "results.rst").read_text()
+    assert "Why a row misses\n----------------" in rst
+    assert "``tests/x.py``" in rst and "`the paper <https://a.b/c>`_" in rst
+    assert ".. list-table::" in rst and "     - -1.0 / -2.0" in rst and "     - -\n" in rst
+    assert ".. image:: results/why.png" in rst
+    assert "old table" not in rst and "small-budget" not in rst  # the full-budget notes only
+    warnings = io.StringIO()
+    docutils.core.publish_doctree(rst, settings_overrides={"warning_stream": warnings,
+                                                           "report_level": 2})
+    assert warnings.getvalue() == ""
