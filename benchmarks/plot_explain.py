@@ -2,10 +2,10 @@
 The plot of RESULTS.md's "Why the REBAR-table rows miss": the REBAR-table generative
 linear one-layer REBAR row (``results/full/gen_linear1_rebar_s0.json``, the plugin)
 beside the hand-written jitted JAX REBAR reference runs of ``results/explain/``
-(``benchmarks/rebar_reference_jax.py``: the plugin's setup at lr 3e-4, seeds 0 and 1,
-and at lr 1e-3; the authors' released setup), the first 400,000 steps: the
-minibatch training ELBO in 10,000-step bins and the test 100-sample bound on a
-1,000-image subset.
+(``benchmarks/rebar_reference_jax.py``: the plugin's setup at lr 3e-4, seed 0 and
+seed 1 where its record exists, and at lr 1e-3; the authors' released setup), the
+first 400,000 steps: the minibatch training ELBO in 10,000-step bins and the test
+100-sample bound on a 1,000-image subset.
 
     python benchmarks/plot_explain.py          # docs/results/explain_rebar_gen_linear1.png
 """
