@@ -28,7 +28,7 @@ VERSION = 1
 
 #: arguments that may differ between the parts of one run
 FREE_ARGS = frozenset({"resume", "checkpoint", "checkpoint_every", "no_progress", "overwrite",
-                       "threads", "out", "resumed_at"})
+                       "threads", "out", "resumed_at", "adapted"})
 
 
 def settings_of(args):

@@ -254,6 +254,13 @@ class PyroTrainer:
     def snapshot(self):
         return {k: v.detach().clone() for k, v in self.bk.params().items()}
 
+    def adapted(self):
+        """The scalar adapted parameters (REBAR/RELAX's ``_bg_*`` temperature and
+        eta), constrained, as floats."""
+        store = self.bk.pyro.get_param_store()
+        return {k: float(v.detach()) for k, v in store.items()
+                if k.startswith("_bg_") and v.numel() == 1}
+
 
 #: learning-rate factor of REBAR/RELAX's adapted parameters
 ADAPTED_LR_FACTOR = 10.0
@@ -322,6 +329,11 @@ class NumPyroTrainer:
 
     def snapshot(self):
         return self.svi.get_params(self.state)
+
+    def adapted(self):
+        """As :meth:`PyroTrainer.adapted`."""
+        return {k: float(v) for k, v in self.snapshot().items()
+                if k.startswith("_bg_") and v.size == 1}
 
 
 def make_trainer(bk, model, guide, elbo, example_args, seed, num_data, **optim_kw):

@@ -57,6 +57,9 @@ def train(args, trainer, batches, step_args, evaluate, desc):
     steps and at the end. Returns ``history`` [(step, -loss)], ``tests``
     [(step, value)], training seconds (excluding evaluations; includes the
     first steps' compilation under jit, reported apart as ``first_step_s``).
+    With each evaluation it keeps ``trainer.adapted()`` (REBAR/RELAX's adapted
+    temperature and eta, when there are any) in ``args.adapted`` [(step, dict)],
+    checkpointed with the loop; :func:`finish` writes it as ``adapted``.
     """
     from tqdm import tqdm
 
@@ -66,14 +69,18 @@ def train(args, trainer, batches, step_args, evaluate, desc):
         getattr(args, "checkpoint", None) or Path(args.out) / f"{desc.replace('/', '_')}.ckpt",
         getattr(args, "checkpoint_every", 0), getattr(args, "resume", False))
     loop, batches = ckpt.start(trainer, batches, checkpoint.settings_of(args))
+    adapted = getattr(trainer, "adapted", dict)
     if loop is None:
         loop = {"step": 0, "history": [], "tests": [(0, evaluate(0))], "train_time": 0.0,
-                "first": None, "running": None, "resumed_at": []}
+                "first": None, "running": None, "resumed_at": [], "adapted": []}
+        if adapted():
+            loop["adapted"].append((0, adapted()))
     else:
         loop["resumed_at"].append(loop["step"])
+        loop.setdefault("adapted", [])  # checkpoints written before it was recorded
     history, tests, start = loop["history"], loop["tests"], loop["step"]
     train_time, first, running = loop["train_time"], loop["first"], loop["running"]
-    args.resumed_at = loop["resumed_at"]
+    args.resumed_at, args.adapted = loop["resumed_at"], loop["adapted"]
     bar = tqdm(batches, total=args.num_steps, initial=start, disable=args.no_progress,
                file=sys.stderr, desc=desc, mininterval=2.0)
     for step, batch in enumerate(bar, start + 1):
@@ -91,11 +98,14 @@ def train(args, trainer, batches, step_args, evaluate, desc):
         running = value if running is None else 0.99 * running + 0.01 * value
         if step % args.eval_every == 0 or step == args.num_steps:
             tests.append((step, evaluate(step)))
+            if adapted():
+                args.adapted.append((step, adapted()))
         if step % 50 == 0 or step == args.num_steps:
             bar.set_postfix(train=f"{running:.2f}", test=f"{tests[-1][1]:.2f}")
         ckpt.maybe_save(step, args.num_steps, trainer, {
             "step": step, "history": history, "tests": tests, "train_time": train_time,
-            "first": first, "running": running, "resumed_at": args.resumed_at})
+            "first": first, "running": running, "resumed_at": args.resumed_at,
+            "adapted": args.adapted})
     bar.close()
     ckpt.finish()
     return history, tests, train_time, first or 0.0
@@ -173,6 +183,8 @@ def finish(args, name, result, history, tests):
     result = {**result, **drift_summary(history)}
     if getattr(args, "resumed_at", None):
         result["resumed_at"] = list(args.resumed_at)  # steps of the checkpoints resumed from
+    if getattr(args, "adapted", None):
+        result["adapted"] = list(args.adapted)  # [(step, {adapted param: value})]
     with open(args.out / f"{name}.json", "w") as fh:
         json.dump({**result, "history": history, "tests": tests}, fh)
     print(json.dumps(result), flush=True)

@@ -34,12 +34,12 @@ import math
 import torch
 from torch.distributions import Bernoulli, OneHotCategorical
 
-import pyro.poutine as poutine
 
 from binary_grads_common.arguments import check_count, check_finite
 
 from .elbo import SiteELBO
 from .sites import Plan, check_one_hot, is_discrete_latent, total_elbo
+from .structure import inspection_trace
 
 
 # ---------------------------------------------------------------------------
@@ -190,8 +190,7 @@ class _StraightThroughELBO(SiteELBO):
 
     def _setup(self, model, guide, args, kwargs):
         if self._structure is None:
-            with poutine.block():
-                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            trace = inspection_trace(guide, args, kwargs)
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or not is_discrete_latent(site):
                     continue

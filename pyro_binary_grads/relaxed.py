@@ -38,14 +38,13 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, OneHotCategorical, constraints
 
 import pyro
-import pyro.poutine as poutine
 
 from binary_grads_common.arguments import check_bool, check_finite
 
 from .elbo import SiteELBO
 from .plans import Plan
 from .signals import learning_signal, score, total_elbo
-from .structure import check_one_hot, is_discrete_latent
+from .structure import check_one_hot, inspection_trace, is_discrete_latent
 
 
 #: The smallest temperature :math:`\lambda` REBAR and RELAX accept (fixed, initial
@@ -306,8 +305,7 @@ class REBAR_ELBO(SiteELBO):
     def _find_sites(self, guide, args, kwargs):
         """The discrete sites of ``guide`` (names and event shapes), one trace per guide."""
         if guide not in self._sites:
-            with poutine.block():
-                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            trace = inspection_trace(guide, args, kwargs)
             self._sites[guide] = [
                 (name, tuple(site["fn"].event_shape), _like(site["fn"]))
                 for name, site in trace.nodes.items()
@@ -349,8 +347,7 @@ class REBAR_ELBO(SiteELBO):
 
     def _setup(self, model, guide, args, kwargs):
         if (model, guide) not in self._programs:
-            with poutine.block():
-                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            trace = inspection_trace(guide, args, kwargs)
             for name, site in trace.nodes.items():
                 if site["type"] == "sample" and is_discrete_latent(site):
                     check_one_hot(name, site["fn"], type(self).__name__,

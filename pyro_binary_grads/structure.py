@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
+import pyro.poutine as poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.subsample_messenger import _Subsample
@@ -146,6 +147,14 @@ def user_frames(site):
 def subsample_scale(frame):
     full = frame.full_size
     return 1.0 if full is None or full == frame.size else full / frame.size
+
+
+def inspection_trace(guide, args, kwargs):
+    """One blocked trace of ``guide`` to inspect its sites, leaving the global RNG
+    as it was: an ELBO's first-use inspections must not shift the draws of the
+    steps (a run resumed with a fresh ELBO equals an uninterrupted one)."""
+    with poutine.block(), torch.random.fork_rng():
+        return poutine.trace(guide).get_trace(*args, **kwargs)
 
 
 def guess_plate_nesting(*traces):

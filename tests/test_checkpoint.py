@@ -25,11 +25,11 @@ class Stop(Exception):
     pass
 
 
-def _run(backend, out, *, stop_at=None, resume=False):
-    """Train ``STEPS`` steps of the DisARM SBN (a checkpoint every ``EVERY``);
+def _run(backend, out, *, stop_at=None, resume=False, estimator="disarm", eval_every=STEPS):
+    """Train ``STEPS`` steps of the SBN (a checkpoint every ``EVERY``);
     ``stop_at``: interrupt the run when that batch is drawn."""
-    args = sbn.parse_args(["--backend", backend, "--estimator", "disarm", "--num-steps",
-                           str(STEPS), "--eval-every", str(STEPS), "--batch-size", "20",
+    args = sbn.parse_args(["--backend", backend, "--estimator", estimator, "--num-steps",
+                           str(STEPS), "--eval-every", str(eval_every), "--batch-size", "20",
                            "--no-progress", "--out", str(out), "--checkpoint-every",
                            str(EVERY)] + (["--resume"] if resume else []))
     train = load_mnist(args.data, args.binarize, "train")
@@ -69,6 +69,30 @@ def test_resumed_run_equals_uninterrupted_run(backend, tmp_path):
     moved = max(float(np.max(np.abs(full[k] - params0))) for k, params0 in
                 [(k, _initial(backend, k)) for k in ("enc0_b",)])
     assert moved > 0  # training moved the parameters that are compared
+
+
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_adapted_values_are_recorded_across_a_resume(backend, tmp_path):
+    """REBAR's adapted temperature and eta, kept at each evaluation (``args.adapted``,
+    the run record's ``adapted``), survive the checkpoint: the resumed run's list
+    equals the uninterrupted run's, and its last entry is the trained value."""
+    _, full, full_args = _run(backend, tmp_path / "full", estimator="rebar", eval_every=10)
+    with pytest.raises(Stop):
+        _run(backend, tmp_path / "split", stop_at=2 * EVERY + 5, estimator="rebar",
+             eval_every=10)
+    _, _, args = _run(backend, tmp_path / "split", resume=True, estimator="rebar",
+                      eval_every=10)
+    assert [s for s, _ in full_args.adapted] == [0, 10, 20, 30, 40]
+    assert [s for s, _ in args.adapted] == [0, 10, 20, 30, 40]
+    names = {"_bg_b1_temperature", "_bg_b1_eta"}
+    assert full_args.adapted[0][1] == pytest.approx({"_bg_b1_temperature": 0.5, "_bg_b1_eta": 1.0})
+    tol = 0 if backend == "numpyro" else 1e-5
+    for (_, mine), (_, theirs) in zip(args.adapted, full_args.adapted):
+        assert set(mine) == names
+        for k in names:
+            assert mine[k] == pytest.approx(theirs[k], rel=tol, abs=tol)
+    last = full_args.adapted[-1][1]
+    assert abs(last["_bg_b1_temperature"] - 0.5) > 1e-3  # trained, not the initial value
 
 
 def _initial(backend, name):
