@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import numpyro
 import numpyro.distributions as dist
@@ -50,19 +51,27 @@ def _program(P0, mean):
     return model, guide
 
 
-def test_reference_step_matches_plugin_on_the_same_noise():
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_reference_step_matches_plugin_on_the_same_noise(scale):
+    """``scale`` 20: saturated logits (a trained model's regime: sigmoid(alpha)
+    within float32 rounding of 0 or 1), uniforms over all of (0, 1) as the
+    samplers draw them (``minval = tiny``), and a small temperature."""
     compared = 0
     for seed in range(3):
         keys = jax.random.split(jax.random.PRNGKey(seed), 8)
-        P = {"prior_logits": 0.5 * jax.random.normal(keys[0], (H,)),
-             "dec0_W": jax.random.normal(keys[1], (H, D)),
-             "dec0_b": 0.3 * jax.random.normal(keys[2], (D,)),
-             "enc0_W": 0.5 * jax.random.normal(keys[3], (D, H)),
-             "enc0_b": 0.5 * jax.random.normal(keys[4], (H,))}
+        P = {"prior_logits": scale * 0.5 * jax.random.normal(keys[0], (H,)),
+             "dec0_W": scale * jax.random.normal(keys[1], (H, D)),
+             "dec0_b": scale * 0.3 * jax.random.normal(keys[2], (D,)),
+             "enc0_W": scale * 0.5 * jax.random.normal(keys[3], (D, H)),
+             "enc0_b": scale * 0.5 * jax.random.normal(keys[4], (H,))}
         x = (jax.random.uniform(keys[5], (B, D)) < 0.4).astype(jnp.float32)
         mean = jnp.full((D,), 0.4)
-        u = jax.random.uniform(keys[6], (B, H), minval=1e-6, maxval=1 - 1e-6)
-        lam, eta = 0.3 + 0.2 * seed, 0.8 + 0.3 * seed
+        if scale == 1.0:
+            u = jax.random.uniform(keys[6], (B, H), minval=1e-6, maxval=1 - 1e-6)
+            lam, eta = 0.3 + 0.2 * seed, 0.8 + 0.3 * seed
+        else:
+            u = jax.random.uniform(keys[6], (B, H), minval=jnp.finfo(jnp.float32).tiny)
+            lam, eta = 0.05 + 0.05 * seed, 1.03
         psi = {"rho": jnp.log(jnp.float32(lam - ref.TEMPERATURE_MIN)),
                "kappa": jnp.float32(np.log(eta / (2 - eta)))}
         g_ref, dpsi_ref, loss_ref = jax.jit(ref.step_grads)(P, psi, u, x, mean, N)
