@@ -191,3 +191,49 @@ def test_reference_variance_gradients_are_derivatives_of_the_mean_square():
                 got = float(got if got.ndim == 0 else got[(0,) * got.ndim])
                 assert abs(fd) > 1e-8, (var_fn.__name__, path)
                 assert abs(got - fd) <= 1e-5 * abs(fd) + 1e-10, (var_fn.__name__, path, got, fd)
+
+
+def test_reference_step_matches_the_example_program():
+    """The reference's ``log_joint`` and encoder are ``examples/sbn.py --preset rebar
+    --model linear1 --estimator rebar`` itself (its model, guide, initial parameters,
+    first minibatch and trainer's objective, NumPyro backend): one step's gradients
+    of every parameter and of the adapted temperature and eta are equal on the same
+    uniforms (the tests above use a small program of their own)."""
+    import sbn
+    from data import load_mnist
+
+    args = sbn.parse_args(["--preset", "rebar", "--model", "linear1", "--estimator", "rebar",
+                           "--backend", "numpyro", "--threads", "0"])
+    train = load_mnist(args.data, args.binarize, "train")
+    args.num_data = len(train)
+    bk, model, guide, trainer = sbn.build(args, train)
+    idx, x = next(iter(train.batches(args.batch_size, np.random.default_rng(1000), 1)))
+    num_data = float(len(train))
+    P = {k: v for k, v in trainer.snapshot().items() if not k.startswith("_bg_")}
+    assert sorted(P) == sorted(ref.PARAM_NAMES)
+    mean = jnp.asarray(train.mean().astype(np.float32))
+    u = jax.random.uniform(jax.random.PRNGKey(5), (len(x), P["enc0_b"].shape[-1]),
+                           minval=jnp.finfo(jnp.float32).tiny)
+    lam, eta = 0.5, 1.0  # the example's initial values
+    psi = {"rho": jnp.log(jnp.float32(lam - ref.TEMPERATURE_MIN)),
+           "kappa": jnp.float32(np.log(eta / (2 - eta)))}
+    g_ref, dpsi_ref, loss_ref = jax.jit(ref.step_grads)(P, psi, u, jnp.asarray(x), mean,
+                                                         num_data)
+    elbo = trainer.svi.loss
+    elbo._noise = {"b1": u}
+    transforms = {"_bg_b1_temperature": dist.biject_to(
+        dist.constraints.greater_than(ref.TEMPERATURE_MIN)),
+        "_bg_b1_eta": dist.biject_to(dist.constraints.interval(0.0, 2.0))}
+    unconstrained = {**P, "_bg_b1_temperature": transforms["_bg_b1_temperature"].inv(lam),
+                     "_bg_b1_eta": transforms["_bg_b1_eta"].inv(eta)}
+    loss, grads = jax.value_and_grad(lambda p: elbo.loss(
+        jax.random.PRNGKey(0), transform_fn(transforms, p), model, trainer.guide,
+        jnp.asarray(x), jnp.asarray(idx), num_data))(unconstrained)
+    np.testing.assert_allclose(float(loss) / num_data, float(loss_ref), rtol=1e-5)
+    for k in P:
+        np.testing.assert_allclose(np.asarray(grads[k]) / num_data, np.asarray(g_ref[k]),
+                                   rtol=2e-3, atol=2e-4 * float(jnp.max(jnp.abs(g_ref[k]))))
+    for mine, theirs in (("rho", "_bg_b1_temperature"), ("kappa", "_bg_b1_eta")):
+        assert abs(float(dpsi_ref[mine])) > 1e-6
+        np.testing.assert_allclose(float(grads[theirs]) / num_data, float(dpsi_ref[mine]),
+                                   rtol=2e-3)
