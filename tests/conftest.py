@@ -14,6 +14,19 @@ for _d in (os.path.join(_here, "numpyro"), os.path.join(_here, "pyro"), _here):
     if _d not in sys.path:
         sys.path.insert(0, _d)
 
+# The whole suite runs JAX with float64 enabled (``jax_enable_x64``), set here, before any
+# test module is imported. The flag is process-global and several modules need it (the
+# enumeration oracles, the edge battery); set only by their imports, a test's precision
+# depended on which modules the worker had collected, so a test could pass alone and fail
+# in the suite (CI once did, on a float32-rounding test). Tests of the float32 regime
+# that users run by default build float32 arrays explicitly or run under
+# ``with jax.enable_x64(False):``. Examples run as subprocesses keep JAX's default.
+try:
+    import jax  # noqa: E402
+except ImportError:  # a Pyro-only environment
+    jax = None
+else:
+    jax.config.update("jax_enable_x64", True)
 
 import pytest  # noqa: E402
 
