@@ -255,11 +255,10 @@ class PyroTrainer:
         return {k: v.detach().clone() for k, v in self.bk.params().items()}
 
     def adapted(self):
-        """The scalar adapted parameters (REBAR/RELAX's ``_bg_*`` temperature and
-        eta), constrained, as floats."""
-        store = self.bk.pyro.get_param_store()
-        return {k: float(v.detach()) for k, v in store.items()
-                if k.startswith("_bg_") and v.numel() == 1}
+        """REBAR/RELAX's adapted temperature and eta (``_bg_<site>_temperature``,
+        ``_bg_<site>_eta``), constrained, as floats; not RELAX's network."""
+        return _adapted_scalars({k: v.detach() for k, v in
+                                 self.bk.pyro.get_param_store().items()})
 
 
 #: learning-rate factor of REBAR/RELAX's adapted parameters
@@ -332,8 +331,18 @@ class NumPyroTrainer:
 
     def adapted(self):
         """As :meth:`PyroTrainer.adapted`."""
-        return {k: float(v) for k, v in self.snapshot().items()
-                if k.startswith("_bg_") and v.size == 1}
+        return _adapted_scalars(self.snapshot())
+
+
+def _adapted_scalars(params):
+    """The scalar ``_bg_*_temperature`` / ``_bg_*_eta`` entries of ``params`` as floats
+    (RELAX's control-variate network is a nested dict in NumPyro and named
+    ``_bg_<site>_control_variate$$$...`` in Pyro: left out)."""
+    def numel(v):  # torch: .numel(); JAX/NumPy: .size; a nested dict: neither
+        return v.numel() if callable(getattr(v, "numel", None)) else getattr(v, "size", None)
+
+    return {k: float(v) for k, v in params.items()
+            if k.startswith("_bg_") and k.endswith(("_temperature", "_eta")) and numel(v) == 1}
 
 
 def make_trainer(bk, model, guide, elbo, example_args, seed, num_data, **optim_kw):

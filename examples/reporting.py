@@ -73,8 +73,9 @@ def train(args, trainer, batches, step_args, evaluate, desc):
     if loop is None:
         loop = {"step": 0, "history": [], "tests": [(0, evaluate(0))], "train_time": 0.0,
                 "first": None, "running": None, "resumed_at": [], "adapted": []}
-        if adapted():
-            loop["adapted"].append((0, adapted()))
+        values = adapted()
+        if values:
+            loop["adapted"].append((0, values))
     else:
         loop["resumed_at"].append(loop["step"])
         loop.setdefault("adapted", [])  # checkpoints written before it was recorded
@@ -98,8 +99,9 @@ def train(args, trainer, batches, step_args, evaluate, desc):
         running = value if running is None else 0.99 * running + 0.01 * value
         if step % args.eval_every == 0 or step == args.num_steps:
             tests.append((step, evaluate(step)))
-            if adapted():
-                args.adapted.append((step, adapted()))
+            values = adapted()
+            if values:
+                args.adapted.append((step, values))
         if step % 50 == 0 or step == args.num_steps:
             bar.set_postfix(train=f"{running:.2f}", test=f"{tests[-1][1]:.2f}")
         ckpt.maybe_save(step, args.num_steps, trainer, {
