@@ -38,7 +38,7 @@ from .plans import Plan
 from .sequential import run_sequential
 from .signals import pair_surrogate, score_surrogate, total_elbo
 from .structure import (PARTICLE_PLATE, GuideStructure, StructureChanged, guess_plate_nesting,
-                        is_discrete_latent, site_logits)
+                        is_discrete_latent, preserved_rng, site_logits)
 from .vectorized import run_vectorized
 
 _MAX_PROGRAMS = 8
@@ -171,7 +171,7 @@ class SiteELBO(ELBO):
             m = pyro.plate(PARTICLE_PLATE, P, dim=-(U + 1))(model)
         # a discovery (or a check) leaves the global RNG as it was: draws do not
         # depend on whether an instance has seen this (model, guide) before
-        with poutine.block(), torch.random.fork_rng():
+        with poutine.block(), preserved_rng():
             try:
                 guide_trace = poutine.trace(g).get_trace(*args, **kwargs)
             except (ValueError, RuntimeError) as err:
@@ -242,11 +242,9 @@ class SiteELBO(ELBO):
             E = self._plan.num_evaluations
             verdict = None
             if prog.structure.num_sites and E > 1:
-                with pyro.validation_enabled(False), torch.random.fork_rng():
+                with pyro.validation_enabled(False), preserved_rng():
                     verdict = check_broadcasting(model, guide, args, kwargs, prog.U, E,
                                                  seed, num_particles)
-                if isinstance(getattr(self, "_psi", None), dict):
-                    self._psi = {}  # REBAR/RELAX: no-grad params of the check are not the step's
             prog.verdicts[key] = verdict
             if verdict is not None:
                 self._warn_sequential(*verdict)
@@ -286,6 +284,7 @@ class SiteELBO(ELBO):
                 if not self._vectorized(prog, model, guide, args, kwargs, num_particles, seed):
                     break
                 try:
+                    self._begin_evaluation()
                     evals = run_vectorized(
                         model, guide, args, kwargs, prog.structure, self._plan, prog.U,
                         noise, seed, num_particles, check_values=check,
@@ -311,8 +310,13 @@ class SiteELBO(ELBO):
         self._last_evals = evals
         return self.value_and_surrogate(evals, self._structure, prog.U)
 
+    def _begin_evaluation(self):
+        """Called before each run whose graph the step's surrogate is built from:
+        subclasses drop what earlier (blocked or abandoned) runs cached."""
+
     def _sequential(self, prog, model, guide, args, kwargs, noise, seed, num_particles,
                     check):
+        self._begin_evaluation()
         evals, structure = run_sequential(
             model, guide, args, kwargs, self._make_plan, prog.structure, prog.U, noise,
             seed, num_particles, check_values=check, detach_discrete=self.detach_discrete,

@@ -423,6 +423,13 @@ class REBAR_ELBO(SiteELBO):
             return []
         return [t for pair in self._psi.values() for t in pair]
 
+    def _begin_evaluation(self):
+        # a blocked run before this one (the first-use inspection and discovery, the
+        # broadcasting check, an abandoned vectorized attempt) declared the params
+        # too: this run must call pyro.param itself, or SVI.step does not see them
+        # and the variance term is taken w.r.t. tensors outside the surrogate's graph
+        self._psi = {}
+
     def _value_and_surrogate(self, model, guide, args, kwargs):
         self._psi = {}
         try:

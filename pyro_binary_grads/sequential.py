@@ -57,7 +57,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .noise import check_logits, hard_value, uniform
-from .structure import GuideStructure, SiteInfo, is_discrete_latent, site_logits, user_frames
+from .structure import (GuideStructure, SiteInfo, is_discrete_latent, preserved_rng, site_logits,
+                        user_frames)
 from .vectorized import Evaluations, log_prob_terms, pad, wrap
 
 
@@ -69,10 +70,7 @@ SHARE_CONTINUOUS_NOISE = False
 def _shared_rsample(fn, msg, seed):
     """``fn``'s reparameterized sample with torch's generator(s) seeded by
     ``seed``; the global RNG state is left as it was."""
-    devices = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=devices):
+    with preserved_rng():
         torch.manual_seed(seed)
         return fn(*msg["args"], **msg["kwargs"])
 

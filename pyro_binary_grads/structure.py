@@ -8,6 +8,7 @@ never with ``fn.log_prob``: smooth, valid at relaxed values, differentiable in
 :math:`v` (DESIGN.md, "the site mechanism", point 5).
 """
 
+import contextlib
 import warnings
 from collections import OrderedDict
 
@@ -149,11 +150,37 @@ def subsample_scale(frame):
     return 1.0 if full is None or full == frame.size else full / frame.size
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """
+    Leaves torch's global RNG state as it was: the CPU generator's and, where CUDA
+    is already initialised, every device's (``torch.random.fork_rng()`` with its
+    default devices would initialise CUDA, and warns on several devices).
+
+    Around the first-use runs (inspection, discovery, the broadcasting check) a
+    step draws what it would draw without them. A ``pyro.param`` initialised
+    lazily from the RNG inside such a run takes its value from the stream the
+    step then draws from again, once; keeping its draws instead would make a
+    fresh instance's draws depend on whether the program's params existed.
+    """
+    devices = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = list(range(torch.cuda.device_count()))
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        for d, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, d)
+
+
 def inspection_trace(guide, args, kwargs):
     """One blocked trace of ``guide`` to inspect its sites, leaving the global RNG
     as it was: an ELBO's first-use inspections must not shift the draws of the
     steps (a run resumed with a fresh ELBO equals an uninterrupted one)."""
-    with poutine.block(), torch.random.fork_rng():
+    with poutine.block(), preserved_rng():
         return poutine.trace(guide).get_trace(*args, **kwargs)
 
 

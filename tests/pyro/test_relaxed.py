@@ -230,3 +230,60 @@ def test_reuse_after_clearing_the_store_on_a_second_model_and_copies(cls):
     assert np.isfinite(copied.loss(model, guide, *args))
     unpickled = pickle.loads(pickle.dumps(elbo))
     assert np.isfinite(unpickled.loss(model, guide, *args))
+
+
+def _plate_program(flatten):
+    """A Bernoulli plate; ``flatten``: the model reshapes ``b`` to its plate size,
+    which does not broadcast (the broadcasting check sends it to the sequential path)."""
+
+    def model(x):
+        with pyro.plate("d", 3):
+            b = pyro.sample("b", dist.Bernoulli(logits=torch.zeros(3)))
+            loc = b.reshape(3) if flatten else b
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.tensor([0.3, -0.2, 0.1]))
+        with pyro.plate("d", 3):
+            pyro.sample("b", dist.Bernoulli(logits=a))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("path", ["sequential", "checked"])
+@pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
+def test_svi_steps_the_adapted_parameters_on_every_path(cls, path):
+    """From the first ``SVI.step`` on, on the sequential path
+    (``vectorize=False``) and where the broadcasting check sends it, the adapted
+    temperature and eta move (SVI saw them) and their gradients are zeroed
+    after each step, step for step as on the vectorized path. (The blocked
+    runs before the step, the first-use inspection and the discovery, once left
+    it their cached params: step 1 did not move them and left their gradient in
+    place for step 2.)"""
+    x = torch.tensor([1.0, 0.0, 2.0])
+
+    def run(vectorize, flatten):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model, guide = _plate_program(flatten)
+        elbo = cls(vectorize=vectorize)
+        svi = SVI(model, elbo.wrap_guide(guide), pyro.optim.Adam({"lr": 0.1}), elbo)
+        out = []
+        for i in range(3):
+            if flatten and i == 0:
+                with pytest.warns(UserWarning, match="evaluates it sequentially"):
+                    svi.step(x)
+            else:
+                svi.step(x)
+            store = pyro.get_param_store()
+            for name in ("_bg_b_temperature", "_bg_b_eta"):
+                grad = store[name].unconstrained().grad
+                assert grad is None or float(grad.abs()) == 0.0, name  # zeroed by SVI
+            out.append(np.concatenate([store[n].detach().reshape(-1).numpy() for n in
+                                       ("_bg_b_temperature", "_bg_b_eta", "a")]))
+        return np.array(out)
+
+    reference = run(True, False)
+    got = run(False, False) if path == "sequential" else run(True, True)
+    assert abs(got[0, 0] - 0.5) > 1e-3 and abs(got[0, 1] - 1.0) > 1e-3  # moved at step 1
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-7)

@@ -85,3 +85,20 @@ def test_compiled_first_step_draws_as_the_eager_class(cls):
     eager = getattr(bg, cls.__name__[len("Jit"):])
     program = _program_for(eager)
     assert _step_draws(cls, program, warm=False) == _step_draws(eager, program, warm=False)
+
+
+def test_preserved_rng_rewinds_the_draws_made_inside():
+    """``structure.preserved_rng`` restores the state, also after an error."""
+    from pyro_binary_grads.structure import preserved_rng
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with preserved_rng():
+        torch.rand(10)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(3)
+    with pytest.raises(RuntimeError), preserved_rng():
+        torch.rand(10)
+        raise RuntimeError
+    assert torch.equal(torch.rand(4), expected)
