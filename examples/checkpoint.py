@@ -52,7 +52,9 @@ def trainer_state(trainer):
     return {"backend": "pyro",
             "params": {k: store._params[k].detach().clone() for k in store.keys()},
             "optims": [o.state_dict() for o in trainer.optims],
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(),
+            # a run on a GPU draws its noise there (the ST family's torch.rand)
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def restore_trainer(trainer, saved):
@@ -71,6 +73,8 @@ def restore_trainer(trainer, saved):
     for o, s in zip(trainer.optims, saved["optims"]):
         o.load_state_dict(s)
     torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None:  # (checkpoints before 2026-12-07 have none)
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def save(path, trainer, loop):

@@ -99,6 +99,7 @@ def _compare_on_the_same_noise(scale):
             lambda p: elbo.loss(keys[7], transform_fn(transforms, p), model, wrapped, x))(
             unconstrained)
         np.testing.assert_allclose(float(loss) / N, float(loss_ref), rtol=1e-5)
+        _assert_finite(grads, g_ref, dpsi_ref)
         for k in P:
             assert float(jnp.max(jnp.abs(g_ref[k]))) > 1e-3  # nonzero gradients are compared
             np.testing.assert_allclose(np.asarray(grads[k]) / N, np.asarray(g_ref[k]),
@@ -108,6 +109,14 @@ def _compare_on_the_same_noise(scale):
             np.testing.assert_allclose(float(grads[theirs]) / N, float(dpsi_ref[mine]), rtol=2e-3)
             compared += 1
     assert compared == 6
+
+
+def _assert_finite(*trees):
+    """``assert_allclose`` counts inf == inf as a match: the compared gradients are
+    finite first."""
+    for tree in trees:
+        for leaf in jax.tree.leaves(tree):
+            assert np.all(np.isfinite(np.asarray(leaf)))
 
 
 def _exact_grads(P, x, mean):
@@ -207,7 +216,13 @@ def test_reference_step_matches_the_example_program():
     --model linear1 --estimator rebar`` itself (its model, guide, initial parameters,
     first minibatch and trainer's objective, NumPyro backend): one step's gradients
     of every parameter and of the adapted temperature and eta are equal on the same
-    uniforms (the tests above use a small program of their own)."""
+    uniforms (the tests above use a small program of their own). In float32, as
+    the example trains."""
+    with jax.enable_x64(False):
+        _compare_with_the_example_program()
+
+
+def _compare_with_the_example_program():
     import sbn
     from data import load_mnist
 
@@ -239,6 +254,8 @@ def test_reference_step_matches_the_example_program():
         jax.random.PRNGKey(0), transform_fn(transforms, p), model, trainer.guide,
         jnp.asarray(x), jnp.asarray(idx), num_data))(unconstrained)
     np.testing.assert_allclose(float(loss) / num_data, float(loss_ref), rtol=1e-5)
+    assert u.dtype == jnp.float32 and P["enc0_W"].dtype == jnp.float32
+    _assert_finite(grads, g_ref, dpsi_ref)
     for k in P:
         np.testing.assert_allclose(np.asarray(grads[k]) / num_data, np.asarray(g_ref[k]),
                                    rtol=2e-3, atol=2e-4 * float(jnp.max(jnp.abs(g_ref[k]))))
