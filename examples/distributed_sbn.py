@@ -287,9 +287,16 @@ def main_pyro(args, train_set, test_set):
         final_eval_s = time.perf_counter() - t_eval
         extra = {"world_size": world, "local_batch_size": local, "device": str(device),
                  "dist_backend": dist.get_backend() if world > 1 else None}
+        result = None
         if rank == 0:
-            return report(args, history, tests, train_time, first, final, len(x_eval),
-                          len(x_test), final_eval_s, extra)
+            result = report(args, history, tests, train_time, first, final, len(x_eval),
+                            len(x_test), final_eval_s, extra)
+        if world > 1:
+            # every rank leaves together: a rank that destroys the group and exits
+            # while its peer is still reporting was seen to abort under load
+            # ("terminate called without an active exception", gloo)
+            dist.barrier()
+        return result
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
