@@ -8,7 +8,6 @@ never with ``fn.log_prob``: smooth, valid at relaxed values, differentiable in
 :math:`v` (DESIGN.md, "the site mechanism", point 5).
 """
 
-import contextlib
 import warnings
 from collections import OrderedDict
 
@@ -150,12 +149,12 @@ def subsample_scale(frame):
     return 1.0 if full is None or full == frame.size else full / frame.size
 
 
-@contextlib.contextmanager
 def preserved_rng():
     """
-    Leaves torch's global RNG state as it was: the CPU generator's and, where CUDA
-    is already initialised, every device's (``torch.random.fork_rng()`` with its
-    default devices would initialise CUDA, and warns on several devices).
+    ``torch.random.fork_rng`` over the CPU generator and, where CUDA is already
+    initialised, every device's: the global RNG state is left as it was
+    (``fork_rng()`` with its default devices would initialise CUDA, and warns on
+    several devices).
 
     Around the first-use runs (inspection, discovery, the broadcasting check) a
     step draws what it would draw without them. A ``pyro.param`` initialised
@@ -166,14 +165,7 @@ def preserved_rng():
     devices = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         devices = list(range(torch.cuda.device_count()))
-    cpu = torch.get_rng_state()
-    cuda = [torch.cuda.get_rng_state(d) for d in devices]
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        for d, state in zip(devices, cuda):
-            torch.cuda.set_rng_state(state, d)
+    return torch.random.fork_rng(devices=devices)
 
 
 def inspection_trace(guide, args, kwargs):
