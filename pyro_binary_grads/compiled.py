@@ -44,18 +44,29 @@ the step's large buffers to the OS and page-faults new ones every step (batch
 500: the replay 1.2x the hand-written step's forward and backward, 1.0-1.05x
 with ``MALLOC_MMAP_THRESHOLD_=1073741824`` in the environment).
 
-As for Pyro's compiled ELBOs, only static programs compile: the same sites,
-shapes and control flow at every step, every ``pyro.param`` created on the
-first step, one trace per distinct ``**kwargs``. Tensor positional arguments
-are the trace's inputs; other positional arguments (a Python ``num_data``) are
-constants of it, one trace per distinct value (Pyro's own compiled ELBOs refuse
-them). A program that does not broadcast, or whose trace fails, raises an error
+As for Pyro's compiled ELBOs, only static programs compile: the same sites
+and control flow at every step, every ``pyro.param`` created on the first step.
+The tensors among the arguments (positional or keyword, also inside tuples,
+named tuples, lists and dicts) are the trace's inputs; other arguments (a
+Python ``num_data``) are constants of it. Each program, number and shapes of
+the tensor arguments and value of the other arguments has its own trace (a
+short last minibatch gets its own: a Python branch on a shape, frozen by the
+trace, once gave it a wrong gradient), at most :attr:`max_traces` of them, the
+least recently used dropped with one warning. A step with an argument that is
+neither a tensor nor hashable (a NumPy array) runs eagerly, with one warning:
+a trace could not tell whether it changed. A non-tensor object changed in
+place between steps is not seen by the replay (as for Pyro's compiled ELBOs,
+whose ``**kwargs`` are constants). A replayed step with a non-finite loss
+runs the eager step's check, which names a guide site with NaN or infinite
+logits. A program that does not broadcast, or whose trace fails, raises an error
 that names the eager class to use. A ``pyro.module`` whose parameters are not
 the ones the param store holds under its name (a new module registered under a
 name used before) raises an error that says so.
 """
 
+import warnings
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -67,6 +78,7 @@ from pyro.util import ignore_jit_warnings, warn_if_nan
 from .elbo import ARM_ELBO, DisARM_ELBO, RLOO_ELBO
 from .multisample import VIMCO, LocalDisARM_IWAE
 from .relaxed import REBAR_ELBO
+from .structure import preserved_rng
 
 __all__ = ["JitARM_ELBO", "JitDisARM_ELBO", "JitRLOO_ELBO", "JitVIMCO", "JitLocalDisARM_IWAE",
            "JitREBAR_ELBO"]
@@ -214,12 +226,15 @@ class _Compiled:
     optimize_trace = False
     #: run TorchScript's clean-up passes on the trace once
     optimize_graph = True
+    #: traces kept (one per program, set of argument shapes and constant arguments)
+    max_traces = 32
 
     def __init__(self, *args, **kwargs):
         # ignore_jit_warnings and jit_options are pyro.infer.ELBO's own arguments
         super().__init__(*args, **kwargs)
-        self._compiled = {}
+        self._compiled = OrderedDict()
         self._tracing = False
+        self._warned_unhashable = self._warned_evicted = False
 
     @property
     def _eager_name(self):
@@ -227,7 +242,7 @@ class _Compiled:
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.update(_compiled={}, _tracing=False)
+        state.update(_compiled=OrderedDict(), _tracing=False)
         return state
 
     def _check_static(self):
@@ -270,21 +285,47 @@ class _Compiled:
         """``(loss, surrogate)`` from the trace's outputs (eager work after the replay)."""
         return outputs
 
+    def _key(self, model, guide, spec):
+        """The trace's key: the program, and the arguments' spec (tensor shapes,
+        dtypes, devices; constants). None where a constant is unhashable."""
+        try:
+            key = (model, guide, spec)  # bound methods compare equal across calls
+            hash(key)
+            return key
+        except TypeError:
+            pass
+        try:
+            key = (id(model), id(guide), spec)
+            hash(key)
+            return key
+        except TypeError:
+            return None
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """
         As the eager class's :meth:`loss_and_grads`; from the second step of a
-        (model, guide) on, the step is a replayed trace.
+        (model, guide) with the same argument shapes on, the step is a replayed
+        trace.
         """
-        # tensors are the trace's inputs; other positional arguments (a Python
-        # num_data, say) are constants of it: one trace per distinct value
-        consts = tuple((i, a) for i, a in enumerate(args) if not torch.is_tensor(a))
-        tensors = tuple(a for a in args if torch.is_tensor(a))
-        try:
-            key = (id(model), id(guide), consts, tuple(sorted(kwargs.items())))
-            hash(key)
-        except TypeError:
-            key = (id(model), id(guide), tuple((i, id(a)) for i, a in consts),
-                   tuple(sorted((k, id(v)) for k, v in kwargs.items())))
+        # tensors (also inside tuples, lists and dicts) are the trace's inputs; other
+        # arguments (a Python num_data, say) are constants of it: one trace per
+        # distinct value, and one per distinct set of tensor shapes
+        tensors = []
+        spec = _flatten((args, dict(sorted(kwargs.items()))), tensors)
+        key = self._key(model, guide, spec)
+        if key is None:
+            if not self._warned_unhashable:
+                self._warned_unhashable = True
+                warnings.warn(
+                    f"{type(self).__name__} runs this step eagerly: an argument of the "
+                    "program is neither a tensor (nor a tuple, list or dict of them) nor "
+                    "hashable, so a trace could not tell whether it changed since it "
+                    "was traced. Pass it as a tensor for the compiled step, or use "
+                    f"{self._eager_name}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return super().loss_and_grads(model, guide, *args, **kwargs)
         fn = self._compiled.get(key)
         if fn is None:
             with _ParamRecorder() as recorder:
@@ -292,17 +333,16 @@ class _Compiled:
             self._check_modules(recorder)
             self._check_static()
             weakself = weakref.ref(self)
-            n = len(args)
 
             def step(*tensors):
                 self = weakself()
-                fixed, it = dict(consts), iter(tensors)
-                full = tuple(fixed[i] if i in fixed else next(it) for i in range(n))
-                return self._traced_step(model, guide, full, kwargs)
+                args, kwargs = _unflatten(spec, iter(tensors))
+                return self._traced_step(model, guide, args, kwargs)
 
-            self._compiled[key] = _Trace(step, recorder.names, self.ignore_jit_warnings,
-                                         self.jit_options, self.optimize_graph)
+            self._store(key, _Trace(step, recorder.names, self.ignore_jit_warnings,
+                                    self.jit_options, self.optimize_graph))
             return loss
+        self._compiled.move_to_end(key)
         self._tracing, tracing = True, fn.compiled is None
         try:
             with torch.jit.optimized_execution(self.optimize_trace):
@@ -320,11 +360,81 @@ class _Compiled:
             self._tracing = False
         with torch.jit.optimized_execution(self.optimize_trace):
             loss, surr = self._after_replay(outputs, fn.state)
+            if not torch.isfinite(loss.detach()).all():
+                self._name_bad_logits(model, guide, args, kwargs)
             if surr.requires_grad:
                 surr.backward(retain_graph=self.retain_graph)
         loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
+
+    def _store(self, key, trace):
+        """Keeps at most :attr:`max_traces` traces, the least recently used dropped
+        (with one warning: a program whose shapes or constant arguments change at
+        every step recompiles at every step)."""
+        if len(self._compiled) >= self.max_traces:
+            self._compiled.popitem(last=False)
+            if not self._warned_evicted:
+                self._warned_evicted = True
+                warnings.warn(
+                    f"{type(self).__name__} has traced {self.max_traces} variants of its "
+                    "step (one per program, set of argument shapes and value of the "
+                    "non-tensor arguments) and drops the least recently used: each new "
+                    "variant costs an eager step and a trace. If the shapes or the "
+                    "non-tensor arguments change at every step, use "
+                    f"{self._eager_name}, or pad the data to a few shapes.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        self._compiled[key] = trace
+
+    def _name_bad_logits(self, model, guide, args, kwargs):
+        """A non-finite replayed loss: the eager step's check, which raises naming a
+        guide site with NaN or infinite logits (one eager evaluation, no gradient,
+        the RNG left as it was)."""
+        with torch.no_grad(), preserved_rng():
+            super()._value_and_surrogate(model, guide, args, kwargs)
+        self._check_finite(float("nan"))
+
+
+_TENSOR, _CONSTANT = "tensor", "constant"  # kinds of leaves in an argument spec
+
+
+def _flatten(obj, tensors):
+    """
+    The hashable spec of a step's arguments ``obj``: each tensor, also inside
+    tuples (named ones too), lists and dicts, is appended to ``tensors`` (the
+    trace's inputs) and stands in the spec as its shape, dtype, device and
+    ``requires_grad``; other values are constants of the trace.
+    """
+    if torch.is_tensor(obj):
+        tensors.append(obj)
+        return (_TENSOR, tuple(obj.shape), obj.dtype, obj.device, obj.requires_grad)
+    if type(obj) in (tuple, list) or _is_namedtuple(obj):
+        return (type(obj), tuple(_flatten(o, tensors) for o in obj))
+    if type(obj) is dict:
+        return (dict, tuple((k, _flatten(v, tensors)) for k, v in obj.items()))
+    return (_CONSTANT, obj)
+
+
+def _unflatten(spec, tensors):
+    kind, rest = spec[0], spec[1:]
+    if kind is _TENSOR:
+        return next(tensors)
+    if kind is _CONSTANT:
+        return rest[0]
+    if kind is dict:
+        return {k: _unflatten(v, tensors) for k, v in rest[0]}
+    items = [_unflatten(v, tensors) for v in rest[0]]
+    return kind(*items) if _is_namedtuple_type(kind) else kind(items)
+
+
+def _is_namedtuple(obj):
+    return _is_namedtuple_type(type(obj))
+
+
+def _is_namedtuple_type(t):
+    return isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields")
 
 
 def _doc(eager):
@@ -369,13 +479,13 @@ class JitREBAR_ELBO(_Compiled, REBAR_ELBO):
     """
 
     def _traced_step(self, model, guide, args, kwargs):
-        self._psi = {}
+        self._psi, self._step_psi = {}, []
         try:
             # REBAR_ELBO's step without its variance term
             loss, surr = super(REBAR_ELBO, self)._value_and_surrogate(model, guide, args, kwargs)
-            psi = tuple(self.adapted_tensors()) if torch.is_grad_enabled() else ()
+            psi = tuple(self._step_psi) if torch.is_grad_enabled() else ()
         finally:
-            self._psi = {}
+            self._psi, self._step_psi = {}, []
         return (loss, surr) + psi
 
     def _trace_state(self):

@@ -68,7 +68,7 @@ class SampleBound:
                         "K-sample bound is only defined for subsampling of the plates "
                         f"common to all latent sites ({sorted(common)})."
                     )
-            dims = [t.dim() + d for d in range(-U, 0) if d not in keep and t.shape[d] > 1]
+            dims = [t.dim() + d for d in range(-U, 0) if d not in keep]
             if common <= names:
                 if dims:
                     t = t.sum(dims, keepdim=True)

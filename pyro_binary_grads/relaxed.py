@@ -272,7 +272,8 @@ class REBAR_ELBO(SiteELBO):
         self.eta = float(eta)
         self.adapt = adapt
         self._sites = {}  # {guide: [(site name, event shape)]}, found by the wrapper
-        self._psi = {}  # {site: (temperature, eta)} of the current step
+        self._psi = {}  # {site: (temperature, eta)} of the current draw
+        self._step_psi = []  # the adapted tensors of every draw of the current step
         super().__init__(num_particles, max_plate_nesting, vectorize_particles,
                          vectorize=vectorize, **kwargs)
 
@@ -322,7 +323,7 @@ class REBAR_ELBO(SiteELBO):
     def __getstate__(self):
         # this step's params (non-leaf tensors) and traced sites do not copy or pickle
         state = super().__getstate__()
-        state.update(_psi={}, _sites={})
+        state.update(_psi={}, _step_psi=[], _sites={})
         return state
 
     def _site_psi(self, name, event_shape, like=None):
@@ -413,6 +414,7 @@ class REBAR_ELBO(SiteELBO):
             else:
                 surr = surr + (alpha0 * coef.detach()).sum() / P
             surr = surr + eta * (f[..., a] - f[..., c]).sum() / P
+        self._keep_adapted()
         return value, surr
 
     # -- the variance gradient ----------------------------------------------
@@ -423,6 +425,13 @@ class REBAR_ELBO(SiteELBO):
             return []
         return [t for pair in self._psi.values() for t in pair]
 
+    def _keep_adapted(self):
+        # every draw of the step reads the params anew (num_particles unvectorized:
+        # one pyro.param tensor per draw), and the variance gradient is taken through
+        # all of them; a compiled replay reads one tensor for all draws (kept once)
+        seen = {id(t) for t in self._step_psi}
+        self._step_psi += [t for t in self.adapted_tensors() if id(t) not in seen]
+
     def _begin_evaluation(self):
         # a blocked run before this one (the first-use inspection and discovery, the
         # broadcasting check, an abandoned vectorized attempt) declared the params
@@ -431,14 +440,14 @@ class REBAR_ELBO(SiteELBO):
         self._psi = {}
 
     def _value_and_surrogate(self, model, guide, args, kwargs):
-        self._psi = {}
+        self._psi, self._step_psi = {}, []
         try:
             loss, surr = super()._value_and_surrogate(model, guide, args, kwargs)
-            psi = self.adapted_tensors()
+            psi = self._step_psi
             if psi and torch.is_grad_enabled() and surr.requires_grad:
                 surr = surr + self._variance_term(surr, psi)
         finally:
-            self._psi = {}  # no graph kept between steps (deepcopy, pickle)
+            self._psi, self._step_psi = {}, []  # no graph kept between steps (deepcopy, pickle)
         return loss, surr
 
     def _variance_term(self, surr, psi):

@@ -39,7 +39,7 @@ def learning_signal(evals, info, U):
         dims = [
             t.dim() + d
             for d in range(-U, 0)
-            if t.shape[d] > 1 and kept.get(d) not in names
+            if kept.get(d) not in names
         ]
         if dims:
             t = t.sum(dims, keepdim=True)

@@ -287,3 +287,38 @@ def test_svi_steps_the_adapted_parameters_on_every_path(cls, path):
     got = run(False, False) if path == "sequential" else run(True, True)
     assert abs(got[0, 0] - 0.5) > 1e-3 and abs(got[0, 1] - 1.0) > 1e-3  # moved at step 1
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("vectorize_particles", [False, True])
+@pytest.mark.parametrize("cls", [REBAR_ELBO, RELAX_ELBO])
+def test_variance_gradient_is_taken_through_every_particle(cls, vectorize_particles):
+    """With the same noise in each of 2 particles the 2-particle estimate is the
+    1-particle one, so are the gradients of the adapted parameters (the
+    variance gradient). Unvectorized, each particle reads the params anew; the
+    variance term was once taken through the last particle's reads only (half
+    the gradient at 2 particles)."""
+    x = torch.tensor([1.0, 0.0, 2.0])
+    model, guide = _plate_program(False)
+
+    def grads(num_particles):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        elbo = cls(num_particles=num_particles, vectorize_particles=vectorize_particles)
+        wrapped = elbo.wrap_guide(guide)
+        elbo.loss_and_grads(model, wrapped, x)  # creates the params
+        store = pyro.get_param_store()
+        u = torch.tensor([0.2, 0.7, 0.45])
+        if vectorize_particles and num_particles > 1:
+            u = u.expand(num_particles, 1, 3)  # the particle dim left of the plate's
+        elbo._noise = {"b": u}
+        for name in store.keys():
+            store[name].unconstrained().grad = None
+        elbo.loss_and_grads(model, wrapped, x)
+        return {n: store[n].unconstrained().grad.clone() for n in store.keys()
+                if store[n].unconstrained().grad is not None}
+
+    one, two = grads(1), grads(2)
+    assert {"_bg_b_temperature", "_bg_b_eta", "a"} <= set(one) and set(one) == set(two)
+    assert float(one["_bg_b_temperature"].abs()) > 1e-4
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
