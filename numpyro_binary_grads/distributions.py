@@ -40,6 +40,15 @@ class _OneHot(constraints.Constraint):
 one_hot = _OneHot()
 
 
+def masked_log_softmax(a, value):
+    """``log_softmax(a)`` with 0 where it is ``-inf`` (a class of probability
+    0, as masked logits give) and ``value`` is 0: ``value * log_softmax(a)`` is
+    then 0 there, not NaN (its gradient in ``value`` 0 there, in ``a``
+    unchanged)."""
+    logp = jax.nn.log_softmax(a, -1)
+    return jnp.where(jnp.isneginf(logp) & (value == 0), 0.0, logp)
+
+
 class OneHotCategorical(Distribution):
     """
     Categorical distribution over one-hot vectors.
@@ -91,7 +100,7 @@ class OneHotCategorical(Distribution):
 
     def log_prob(self, value):
         # no support validation: valid (and smooth) at relaxed values too
-        return jnp.sum(value * jax.nn.log_softmax(self.logits, -1), -1)
+        return jnp.sum(value * masked_log_softmax(self.logits, value), -1)
 
     @property
     def mean(self):

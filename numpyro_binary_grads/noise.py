@@ -72,6 +72,7 @@ class NoiseMessenger(Messenger):
         self.infos = infos or {}
         self.record = {}
         self.draw, self.flips, self.relax = None, None, None
+        self.control_flow = False  # a scan / cond message passed
         if plan is not None:
             source, flips, relax = plan.arrays()
             self.flips = flips[evaluation]
@@ -81,6 +82,12 @@ class NoiseMessenger(Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] == "control_flow":  # scan / cond: their sites draw from this key
+            self.control_flow = True
+            key = msg["kwargs"].get("rng_key")
+            if self.draw is not None and key is not None:
+                msg["kwargs"]["rng_key"] = random.fold_in(key, self.draw)
+            return
         if msg["type"] != "sample" or msg.get("is_observed", False):
             return
         if not _check_guide_site(msg, self.owner, self.supports):
@@ -89,6 +96,13 @@ class NoiseMessenger(Messenger):
                 msg["kwargs"]["rng_key"] = random.fold_in(key, self.draw)
             return
         name, fn = msg["name"], msg["fn"]
+        if msg["value"] is not None and self.control_flow:
+            raise NotImplementedError(
+                f"Discrete guide site '{name}' is drawn inside numpyro.contrib.control_flow "
+                f"(scan or cond), which draws its sites itself; {self.owner} must draw "
+                "each discrete site itself. Draw it outside scan/cond (e.g. in a "
+                "numpyro.plate or a Python loop), or use TraceGraph_ELBO for this guide."
+            )
         if msg["value"] is not None:
             raise ValueError(
                 f"Discrete guide site '{name}' already has a value (substituted or "

@@ -46,7 +46,8 @@ log-prob term is summed over the plates ``j`` is not in and broadcast over
 those it is in; terms carry NumPyro's scales only, so the estimate is of the
 gradient of the minibatch objective, as ``Trace_ELBO``'s. Localising over a plate ``P`` is valid only if no guide
 site outside ``P`` executes after ``j``; otherwise the signal is summed over
-``P`` (with a warning naming the sites), and a subsampled ``P`` raises.
+``P`` (with a warning naming the sites; for a subsampled ``P`` too, where the
+summed signal is still that of the minibatch objective).
 Multi-sample objectives instead reduce every term to the plates common to
 all latent sites (:class:`numpyro_binary_grads.multisample.SampleBound`).
 

@@ -21,7 +21,7 @@ from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistr
 from numpyro.distributions.util import clamp_probs
 from numpyro.util import not_jax_tracer
 
-from .distributions import OneHotCategorical
+from .distributions import OneHotCategorical, masked_log_softmax
 
 __all__ = [
     "GuideStructure",
@@ -92,7 +92,16 @@ def site_logits(fn, kind, shape):
 
 
 def _log_prob(fn, value, detach):
-    """Log-prob of ``value`` under ``fn`` before scale, or None to defer to fn."""
+    """Log-prob of ``value`` under ``fn`` before scale, or None to defer to fn; of
+    at least ``fn``'s batch shape, as ``fn.log_prob`` (an observation smaller than
+    a plate-expanded site's batch counts once per element)."""
+    lp = _unbroadcast_log_prob(fn, value, detach)
+    if lp is None:
+        return None
+    return jnp.broadcast_to(lp, jnp.broadcast_shapes(jnp.shape(lp), tuple(fn.batch_shape)))
+
+
+def _unbroadcast_log_prob(fn, value, detach):
     if isinstance(fn, Independent):
         lp = _log_prob(fn.base_dist, value, detach)
         if lp is None:
@@ -114,7 +123,7 @@ def _log_prob(fn, value, detach):
     if isinstance(fn, _BERNOULLI):
         a = _bernoulli_logits(fn)
         a = stop_gradient(a) if detach else a
-        return jnp.asarray(value, dtype=jnp.result_type(a)) * a - jax.nn.softplus(a)
+        return _bernoulli_log_prob(a, jnp.asarray(value, dtype=jnp.result_type(a)))
     if isinstance(fn, _CATEGORICAL):
         a = stop_gradient(fn.logits) if detach else fn.logits
         logp = jax.nn.log_softmax(a, -1)
@@ -125,8 +134,22 @@ def _log_prob(fn, value, detach):
         return jnp.take_along_axis(logp, value[..., None], -1)[..., 0]
     if isinstance(fn, OneHotCategorical):
         a = stop_gradient(fn.logits) if detach else fn.logits
-        return jnp.sum(value * jax.nn.log_softmax(a, -1), -1)
+        return jnp.sum(value * masked_log_softmax(a, value), -1)
     return None
+
+
+def _bernoulli_log_prob(a, v):
+    """
+    :math:`v a - \\mathrm{softplus}(a)`, and at an infinite logit the limit: 0
+    where the value is certain (a unit forced off by ``-inf`` and observed 0),
+    ``-inf`` elsewhere, with gradient 0 (``v a - softplus(a)`` is NaN there). Not
+    NumPyro's ``binary_cross_entropy_with_logits``, whose gradient at a logit of
+    exactly 0 is ``v`` instead of ``v - 1/2`` (its ``max(a, 0)`` and ``|a|`` kinks).
+    """
+    finite = jnp.isfinite(a)
+    safe = jnp.where(finite, a, 0.0)
+    lp = v * safe - jax.nn.softplus(safe)
+    return jnp.where(finite, lp, jnp.where((a > 0) == (v == 1), 0.0, -jnp.inf))
 
 
 def site_log_prob(site, detach=False):

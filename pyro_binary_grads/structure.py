@@ -103,12 +103,21 @@ def discrete_log_prob(fn, value):
         a = fn.logits
         return value * a - F.softplus(compact(a))
     if isinstance(fn, OneHotCategorical):
-        return (value * torch.log_softmax(fn.logits, -1)).sum(-1)
+        return (value * _masked_log_softmax(fn.logits, value)).sum(-1)
     if isinstance(fn, Categorical):
         logp = torch.log_softmax(fn.logits, -1)
         value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
         return logp.gather(-1, value[..., :1]).squeeze(-1)
     return fn.log_prob(value)
+
+
+def _masked_log_softmax(a, value):
+    """``log_softmax(a)`` with 0 where it is ``-inf`` (a class of probability
+    0, as masked logits give) and ``value`` is 0: ``value * log_softmax(a)`` is
+    then 0 there, not NaN (its gradient in ``value`` 0 there, in ``a``
+    unchanged)."""
+    logp = torch.log_softmax(a, -1)
+    return torch.where(torch.isneginf(logp) & (value == 0), 0.0, logp)
 
 
 def compact(t):

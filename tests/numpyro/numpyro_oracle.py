@@ -88,6 +88,9 @@ def _discrete_log_prob(fn, value):
         raise NotImplementedError(f"not a discrete distribution: {type(base).__name__}")
     event_dim = fn.event_dim
     shape = jnp.broadcast_shapes(tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - event_dim])
+    # an observation smaller than the site (a scalar obs of an .expand(...).to_event(1) site)
+    # counts once per element of the event dims too
+    lp = jnp.broadcast_to(lp, jnp.broadcast_shapes(jnp.shape(lp), shape + tuple(fn.event_shape)[:ev]))
     lp_unmasked = _sum_rightmost(lp, ev)
     lp_masked, done = lp, 0
     for m, depth in sorted(masks, key=lambda t: -t[1]):
