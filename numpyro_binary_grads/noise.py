@@ -72,7 +72,7 @@ class NoiseMessenger(Messenger):
         self.infos = infos or {}
         self.record = {}
         self.draw, self.flips, self.relax = None, None, None
-        self.control_flow = False  # a scan / cond message passed
+        self.control_flow = set()  # names of the sites scan / cond drew
         if plan is not None:
             source, flips, relax = plan.arrays()
             self.flips = flips[evaluation]
@@ -81,9 +81,12 @@ class NoiseMessenger(Messenger):
                 self.draw = source[evaluation]
         super().__init__(fn)
 
+    def postprocess_message(self, msg):
+        if msg["type"] == "control_flow":
+            self.control_flow |= _control_flow_sites(msg["value"])
+
     def process_message(self, msg):
         if msg["type"] == "control_flow":  # scan / cond: their sites draw from this key
-            self.control_flow = True
             key = msg["kwargs"].get("rng_key")
             if self.draw is not None and key is not None:
                 msg["kwargs"]["rng_key"] = random.fold_in(key, self.draw)
@@ -96,7 +99,7 @@ class NoiseMessenger(Messenger):
                 msg["kwargs"]["rng_key"] = random.fold_in(key, self.draw)
             return
         name, fn = msg["name"], msg["fn"]
-        if msg["value"] is not None and self.control_flow:
+        if msg["value"] is not None and name in self.control_flow:
             raise NotImplementedError(
                 f"Discrete guide site '{name}' is drawn inside numpyro.contrib.control_flow "
                 f"(scan or cond), which draws its sites itself; {self.owner} must draw "
@@ -149,3 +152,14 @@ class NoiseMessenger(Messenger):
             key = random.fold_in(key, self.draw)
         # in (0, 1): the logit and Gumbel transforms stay finite
         return random.uniform(key, shape, alpha.dtype, minval=jnp.finfo(alpha.dtype).tiny)
+
+
+def _control_flow_sites(value):
+    """The site names in a scan / cond message's value: ``((length, key, carry),
+    (trace, ys))`` for scan, ``(value, trace)`` for cond (the body's trace is
+    replayed site by site after the message, values set)."""
+    for part in value if isinstance(value, tuple) else ():
+        for t in (part if isinstance(part, tuple) else (part,)):
+            if isinstance(getattr(t, "trace", None), dict):
+                return set(t.trace)
+    return set()

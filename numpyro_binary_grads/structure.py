@@ -146,10 +146,11 @@ def _bernoulli_log_prob(a, v):
     NumPyro's ``binary_cross_entropy_with_logits``, whose gradient at a logit of
     exactly 0 is ``v`` instead of ``v - 1/2`` (its ``max(a, 0)`` and ``|a|`` kinks).
     """
-    finite = jnp.isfinite(a)
-    safe = jnp.where(finite, a, 0.0)
+    inf = jnp.isinf(a)
+    safe = jnp.where(inf, 0.0, a)  # (a NaN logit stays NaN)
     lp = v * safe - jax.nn.softplus(safe)
-    return jnp.where(finite, lp, jnp.where((a > 0) == (v == 1), 0.0, -jnp.inf))
+    certain = jnp.where(a > 0, v == 1, v == 0)
+    return jnp.where(inf, jnp.where(certain, 0.0, -jnp.inf), lp)
 
 
 def site_log_prob(site, detach=False):

@@ -64,9 +64,10 @@ the ones the param store holds under its name (a new module registered under a
 name used before) raises an error that says so.
 """
 
+import math
 import warnings
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -360,11 +361,11 @@ class _Compiled:
             self._tracing = False
         with torch.jit.optimized_execution(self.optimize_trace):
             loss, surr = self._after_replay(outputs, fn.state)
-            if not torch.isfinite(loss.detach()).all():
+            loss = loss.item()  # (one sync, before the backward, as the eager step)
+            if not math.isfinite(loss):
                 self._name_bad_logits(model, guide, args, kwargs)
             if surr.requires_grad:
                 surr.backward(retain_graph=self.retain_graph)
-        loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
 
@@ -412,8 +413,11 @@ def _flatten(obj, tensors):
         return (_TENSOR, tuple(obj.shape), obj.dtype, obj.device, obj.requires_grad)
     if type(obj) in (tuple, list) or _is_namedtuple(obj):
         return (type(obj), tuple(_flatten(o, tensors) for o in obj))
-    if type(obj) is dict:
-        return (dict, tuple((k, _flatten(v, tensors)) for k, v in obj.items()))
+    if type(obj) in (dict, OrderedDict):
+        return (type(obj), tuple((k, _flatten(v, tensors)) for k, v in obj.items()))
+    if type(obj) is defaultdict:
+        return (defaultdict, obj.default_factory,
+                tuple((k, _flatten(v, tensors)) for k, v in obj.items()))
     return (_CONSTANT, obj)
 
 
@@ -423,8 +427,10 @@ def _unflatten(spec, tensors):
         return next(tensors)
     if kind is _CONSTANT:
         return rest[0]
-    if kind is dict:
-        return {k: _unflatten(v, tensors) for k, v in rest[0]}
+    if kind in (dict, OrderedDict):
+        return kind((k, _unflatten(v, tensors)) for k, v in rest[0])
+    if kind is defaultdict:
+        return defaultdict(rest[0], ((k, _unflatten(v, tensors)) for k, v in rest[1]))
     items = [_unflatten(v, tensors) for v in rest[0]]
     return kind(*items) if _is_namedtuple_type(kind) else kind(items)
 

@@ -132,3 +132,19 @@ def test_unbiased_with_such_observations(elbo, case):
     result = stats.check_unbiased(stats.batch_means(np.asarray(grads), 30),
                                   np.array([exact[n] for n in names]), names=names)
     stats.assert_powerful(result)
+
+
+def test_bernoulli_log_prob_limits_at_infinite_logits():
+    """0 where the value is certain, -inf at any other value (relaxed values
+    too, as REBAR's model evaluations use), NaN kept for NaN logits; gradient 0
+    at the infinite logits and ``v - sigmoid(a)`` elsewhere (``-1/2`` at ``a = 0``)."""
+    from numpyro_binary_grads.structure import _bernoulli_log_prob
+    a = jnp.array([-INF, -INF, INF, INF, INF, jnp.nan, 0.0, 0.0])
+    v = jnp.array([0.0, 0.3, 1.0, 0.7, 0.0, 1.0, 1.0, 0.0])
+    lp = np.asarray(_bernoulli_log_prob(a, v))
+    np.testing.assert_array_equal(lp[:5], [0.0, -np.inf, 0.0, -np.inf, -np.inf])
+    assert np.isnan(lp[5])
+    np.testing.assert_allclose(lp[6:], [-np.log(2.0)] * 2)
+    g = np.asarray(jax.grad(lambda a: jnp.sum(_bernoulli_log_prob(a, v)[jnp.array([0, 2, 6, 7])]))(a))
+    np.testing.assert_array_equal(g[[0, 2]], [0.0, 0.0])
+    np.testing.assert_allclose(g[[6, 7]], [0.5, -0.5])

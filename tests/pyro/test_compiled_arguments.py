@@ -111,20 +111,26 @@ def test_the_number_of_arguments_is_part_of_the_trace(pair):
 
 
 @pytest.mark.parametrize("pair", ["DisARM", "VIMCO"])
-@pytest.mark.parametrize("container", ["tuple", "list", "dict", "namedtuple", "kwarg"])
+@pytest.mark.parametrize("container", ["tuple", "list", "dict", "OrderedDict", "defaultdict",
+                                       "namedtuple", "kwarg"])
 def test_tensors_in_containers_are_inputs_of_the_trace(pair, container):
-    """A tensor inside a tuple, list, dict or named tuple, or passed by keyword,
-    is an input of the trace: a buffer refilled in place between steps is seen
-    (it was once a constant of the trace: the replay used the traced values)."""
+    """A tensor inside a tuple, list, dict (ordered, default) or named tuple, or
+    passed by keyword, is an input of the trace: new tensors at every step (a
+    data loader's batches) replay one trace, step for step as the eager class.
+    (Such arguments were once constants keyed by identity: every step a new
+    key, an eager step and a cache entry that was never freed.)"""
     Batch = collections.namedtuple("Batch", ["x", "y"])
-    buf_x, buf_y = X4.clone(), Y4.clone()
 
     def wrap(x, y):
+        if container == "OrderedDict":
+            return collections.OrderedDict(x=x, y=y)
+        if container == "defaultdict":
+            return collections.defaultdict(list, x=x, y=y)
         return {"tuple": (x, y), "list": [x, y], "dict": {"x": x, "y": y},
                 "namedtuple": Batch(x, y)}.get(container)
 
     def unwrap(batch):
-        return (batch[0], batch[1]) if container != "dict" else (batch["x"], batch["y"])
+        return (batch["x"], batch["y"]) if "dict" in container.lower() else (batch[0], batch[1])
 
     def model(batch=None, x=None, y=None):
         return global_model(*(unwrap(batch) if batch is not None else (x, y)))
@@ -138,9 +144,8 @@ def test_tensors_in_containers_are_inputs_of_the_trace(pair, container):
     eager._noise = jit._noise = _global_noise(NUM_DRAWS[pair])(None)
     gen = torch.Generator().manual_seed(0)
     for i in range(5):
-        with torch.no_grad():  # a data loader's buffer, refilled in place
-            buf_x.copy_(torch.randn(buf_x.shape, generator=gen) + 2.0)
-            buf_y.copy_(torch.randn(buf_y.shape, generator=gen))
+        buf_x = torch.randn(X4.shape, generator=gen) + 2.0  # a new batch
+        buf_y = torch.randn(Y4.shape, generator=gen)
         args, kwargs = ((), {"x": buf_x, "y": buf_y}) if container == "kwarg" else \
             ((wrap(buf_x, buf_y),), {})
         loss_e, g_e = grads(eager, model, guide, *args, **kwargs)
