@@ -88,30 +88,61 @@ def site_logits(fn, kind, shape):
     a = jnp.broadcast_to(a, shape)
     if not jnp.issubdtype(a.dtype, jnp.floating):
         a = a.astype(jnp.result_type(float))
-    return a
+    return certain_logits(a, kind)
 
 
-def _log_prob(fn, value, detach):
+#: How far below the largest logit of its row a categorical logit may lie
+#: (plus that logit's magnitude), and how far from 0 a Bernoulli logit:
+#: beyond it the outcome has probability 0 in float32 and float64, and no
+#: Gumbel or logistic draw (at most 37 in float64) reaches it.
+CERTAIN_GAP = 1000.0
+
+
+def certain_logits(a, kind):
+    r"""
+    The logits of a guide site with outcomes of probability 0 (a masked class
+    at ``-inf``, a unit forced by ``+-inf``, ``Categorical(probs=...)`` with
+    a zero, whose logit NumPyro clips to the dtype's lowest value) made
+    finite, so that every estimator's arithmetic stays finite (``-inf * 0``
+    is NaN):
+
+    * a Bernoulli logit is clipped to :math:`[-G, G]`;
+    * a categorical logit is clipped from below at :math:`m - (G + |m|)`,
+      with :math:`m` the largest logit of its row (not differentiated),
+
+    :math:`G` = :data:`CERTAIN_GAP`. The draws and probabilities are the
+    same (``exp(-G)`` is 0 in float32 and float64), and so is the gradient
+    (0 at such logits). NaN, ``+inf`` in a categorical row and a row of
+    ``-inf`` only are left as they are, for :func:`_check_finite` to name.
+    """
+    if kind == "bernoulli":
+        return jnp.clip(a, -CERTAIN_GAP, CERTAIN_GAP)
+    m = stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    floor = m - (CERTAIN_GAP + jnp.abs(m))
+    return jnp.where(a < floor, floor, a)
+
+
+def _log_prob(fn, value, detach, certain=False):
     """Log-prob of ``value`` under ``fn`` before scale, or None to defer to fn; of
     at least ``fn``'s batch shape, as ``fn.log_prob`` (an observation smaller than
     a plate-expanded site's batch counts once per element)."""
-    lp = _unbroadcast_log_prob(fn, value, detach)
+    lp = _unbroadcast_log_prob(fn, value, detach, certain)
     if lp is None:
         return None
     return jnp.broadcast_to(lp, jnp.broadcast_shapes(jnp.shape(lp), tuple(fn.batch_shape)))
 
 
-def _unbroadcast_log_prob(fn, value, detach):
+def _unbroadcast_log_prob(fn, value, detach, certain):
     if isinstance(fn, Independent):
-        lp = _log_prob(fn.base_dist, value, detach)
+        lp = _log_prob(fn.base_dist, value, detach, certain)
         if lp is None:
             return None
         n = fn.reinterpreted_batch_ndims
         return jnp.sum(lp, axis=tuple(range(-n, 0))) if n else lp
     if isinstance(fn, ExpandedDistribution):
-        return _log_prob(fn.base_dist, value, detach)
+        return _log_prob(fn.base_dist, value, detach, certain)
     if isinstance(fn, MaskedDistribution):
-        lp = _log_prob(fn.base_dist, value, detach)
+        lp = _log_prob(fn.base_dist, value, detach, certain)
         if lp is None:
             return None
         mask = fn._mask
@@ -120,22 +151,22 @@ def _unbroadcast_log_prob(fn, value, detach):
         if mask is False:
             return jnp.zeros_like(lp)
         return jnp.where(mask, lp, 0.0)
-    if isinstance(fn, _BERNOULLI):
-        a = _bernoulli_logits(fn)
-        a = stop_gradient(a) if detach else a
+    kind = _kind(fn)
+    if kind is None:
+        return None
+    a = _bernoulli_logits(fn) if kind == "bernoulli" else fn.logits
+    a = certain_logits(a, kind) if certain else a
+    a = stop_gradient(a) if detach else a
+    if kind == "bernoulli":
         return _bernoulli_log_prob(a, jnp.asarray(value, dtype=jnp.result_type(a)))
-    if isinstance(fn, _CATEGORICAL):
-        a = stop_gradient(fn.logits) if detach else fn.logits
+    if kind == "categorical":
         logp = jax.nn.log_softmax(a, -1)
         value = jnp.asarray(value).astype(jnp.int32)
         shape = jnp.broadcast_shapes(jnp.shape(value), logp.shape[:-1])
         logp = jnp.broadcast_to(logp, shape + logp.shape[-1:])
         value = jnp.broadcast_to(value, shape)
         return jnp.take_along_axis(logp, value[..., None], -1)[..., 0]
-    if isinstance(fn, OneHotCategorical):
-        a = stop_gradient(fn.logits) if detach else fn.logits
-        return jnp.sum(value * masked_log_softmax(a, value), -1)
-    return None
+    return jnp.sum(value * masked_log_softmax(a, value), -1)
 
 
 def _bernoulli_log_prob(a, v):
@@ -153,7 +184,7 @@ def _bernoulli_log_prob(a, v):
     return jnp.where(inf, jnp.where(certain, 0.0, -jnp.inf), lp)
 
 
-def site_log_prob(site, detach=False):
+def site_log_prob(site, detach=False, certain=False):
     """
     Scaled, masked log-prob array (batch shape) of a trace's sample site.
 
@@ -161,10 +192,12 @@ def site_log_prob(site, detach=False):
     ``Independent`` / ``ExpandedDistribution`` / ``MaskedDistribution``) are
     computed from the logits, as ``v * a - softplus(a)`` and
     ``sum(v * log_softmax(a))``; ``detach=True`` stops the gradient through
-    those logits. Everything else uses ``fn.log_prob``.
+    those logits; ``certain=True`` (a guide site drawn by the mechanism) uses
+    its :func:`certain_logits`, those its values were drawn from. Everything
+    else uses ``fn.log_prob``.
     """
     fn, value = site["fn"], site["value"]
-    lp = _log_prob(fn, value, detach)
+    lp = _log_prob(fn, value, detach, certain)
     if lp is None:
         if site.get("intermediates"):
             lp = fn.log_prob(value, site["intermediates"])
@@ -246,8 +279,11 @@ def _check_finite(name, alpha):
     # would give a traced isfinite
     if not_jax_tracer(alpha) and not np.all(np.isfinite(np.asarray(alpha))):
         raise ValueError(
-            f"Guide site '{name}' has NaN or infinite logits; check the guide's "
-            "parameters (e.g. lower the learning rate) or clamp the logits. "
+            f"Guide site '{name}' has NaN or infinite logits that give no "
+            "distribution (NaN, +inf in a categorical, or a categorical row that "
+            "is -inf throughout); check the guide's parameters (e.g. lower the "
+            "learning rate) or clamp the logits. (Masked classes at -inf and "
+            "Bernoulli logits of +-inf are fine.) "
             "(Under jit or grad this cannot be detected and the loss is NaN; "
             "SVI.stable_update skips such steps.)"
         )

@@ -77,11 +77,11 @@ def _terms(model_trace, guide_trace, owned, detach_discrete):
     for name, site in guide_trace.items():
         if site["type"] == "sample":
             if traced and name in owned:
-                lp = site_log_prob(site)
+                lp = site_log_prob(site, certain=True)
                 lp = jnp.where(detach_discrete, stop_gradient(lp), lp)
             else:
                 detach = not traced and detach_discrete and name in owned
-                lp = site_log_prob(site, detach=detach)
+                lp = site_log_prob(site, detach=detach, certain=name in owned)
             terms.append(("guide", name, site["cond_indep_stack"], -lp))
     return terms
 

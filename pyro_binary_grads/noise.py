@@ -64,8 +64,11 @@ def uniform(noise, name, index, seed, shape, alpha):
 def check_logits(name, alpha):
     if not torch.isfinite(compact(alpha)).all():
         raise ValueError(
-            f"Guide site '{name}' has NaN or infinite logits; check the guide's "
-            "parameters (e.g. lower the learning rate) or clamp the logits."
+            f"Guide site '{name}' has NaN or infinite logits that give no "
+            "distribution (NaN, +inf in a categorical, or a categorical row that "
+            "is -inf throughout); check the guide's parameters (e.g. lower the "
+            "learning rate) or clamp the logits. (Masked classes at -inf and "
+            "Bernoulli logits of +-inf are fine.)"
         )
 
 

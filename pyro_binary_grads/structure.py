@@ -75,7 +75,7 @@ def site_logits(fn):
     ``fn.batch_shape + fn.event_shape`` (plus the class dim for categoricals).
     """
     base = _base_dist(fn)
-    logits = base.logits
+    logits = certain_logits(base.logits, site_kind(base))
     if isinstance(base, Bernoulli):
         return logits.expand(fn.batch_shape + fn.event_shape)
     shape = fn.batch_shape + fn.event_shape
@@ -84,31 +84,66 @@ def site_logits(fn):
     return logits.expand(shape)
 
 
-def discrete_log_prob(fn, value):
+#: How far below the largest logit of its row a categorical logit may lie
+#: (plus that logit's magnitude), and how far from 0 a Bernoulli logit:
+#: beyond it the outcome has probability 0 in float32 and float64, and no
+#: Gumbel or logistic draw (at most 37 in float64) reaches it.
+CERTAIN_GAP = 1000.0
+
+
+def certain_logits(a, kind):
+    r"""
+    The logits of a guide site with outcomes of probability 0 (a masked class
+    at ``-inf``, a unit forced by ``+-inf``) made finite, so that every
+    estimator's arithmetic stays finite (``-inf * 0`` is NaN):
+
+    * a Bernoulli logit is clamped to :math:`[-G, G]`;
+    * a categorical logit is clamped from below at :math:`m - (G + |m|)`,
+      with :math:`m` the largest logit of its row (not differentiated),
+
+    :math:`G` = :data:`CERTAIN_GAP`. The draws and probabilities are the
+    same (``exp(-G)`` is 0 in float32 and float64), and so is the gradient
+    (0 at such logits). NaN, ``+inf`` in a categorical row and a row of
+    ``-inf`` only are left as they are, for
+    :func:`~pyro_binary_grads.noise.check_logits` to name.
+    """
+    if kind == "bernoulli":
+        return a.clamp(-CERTAIN_GAP, CERTAIN_GAP)
+    m = a.detach().amax(-1, keepdim=True)
+    floor = m - (CERTAIN_GAP + m.abs())
+    return torch.where(a < floor, floor, a)
+
+
+def discrete_log_prob(fn, value, certain=False):
     """
     Elementwise log-prob of a Bernoulli / Categorical / OneHotCategorical
     (possibly wrapped in ``Independent``, masked or expanded), computed from
     the logits: smooth, valid at relaxed values, no validation.
     Returns a tensor of ``fn``'s batch shape (event dims summed, masks applied).
+    With ``certain`` (a guide site drawn by the mechanism) the logits are
+    :func:`certain_logits`, those its values were drawn from.
     """
     if isinstance(fn, Independent):
         return sum_rightmost(
-            discrete_log_prob(fn.base_dist, value), fn.reinterpreted_batch_ndims
+            discrete_log_prob(fn.base_dist, value, certain), fn.reinterpreted_batch_ndims
         )
     if isinstance(fn, MaskedDistribution):
-        return scale_and_mask(discrete_log_prob(fn.base_dist, value), mask=fn._mask)
+        return scale_and_mask(discrete_log_prob(fn.base_dist, value, certain), mask=fn._mask)
     if isinstance(fn, ExpandedDistribution):
-        return discrete_log_prob(fn.base_dist, value).expand(fn.batch_shape)
+        return discrete_log_prob(fn.base_dist, value, certain).expand(fn.batch_shape)
+    if not isinstance(fn, (Bernoulli, Categorical, OneHotCategorical)):
+        return fn.log_prob(value)
+    a = fn.logits
+    if certain:
+        a = certain_logits(compact(a), site_kind(fn)).expand(a.shape)
     if isinstance(fn, Bernoulli):
-        a = fn.logits
         return value * a - F.softplus(compact(a))
     if isinstance(fn, OneHotCategorical):
-        return (value * _masked_log_softmax(fn.logits, value)).sum(-1)
+        return (value * _masked_log_softmax(a, value)).sum(-1)
     if isinstance(fn, Categorical):
-        logp = torch.log_softmax(fn.logits, -1)
+        logp = torch.log_softmax(a, -1)
         value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
         return logp.gather(-1, value[..., :1]).squeeze(-1)
-    return fn.log_prob(value)
 
 
 def _masked_log_softmax(a, value):
@@ -133,16 +168,18 @@ def _is_handled_discrete(fn):
     return isinstance(_base_dist(fn), (Bernoulli, Categorical, OneHotCategorical))
 
 
-def site_log_prob(site, detach_discrete=False, sign=1.0):
+def site_log_prob(site, detach_discrete=False, sign=1.0, certain=False):
     """The scaled and masked log-prob of a sample site, of its batch shape,
-    times ``sign`` (folded into the scale: one op fewer per site)."""
+    times ``sign`` (folded into the scale: one op fewer per site); with
+    ``certain``, a latent discrete site's from its :func:`certain_logits`."""
     fn, value = site["fn"], site["value"]
     if _is_handled_discrete(fn):
+        certain = certain and not site["is_observed"]
         if detach_discrete and not site["is_observed"]:
             with torch.no_grad():  # no graph for a term whose gradient is dropped
-                lp = discrete_log_prob(fn, value)
+                lp = discrete_log_prob(fn, value, certain)
         else:
-            lp = discrete_log_prob(fn, value)
+            lp = discrete_log_prob(fn, value, certain)
     else:
         lp = fn.log_prob(value)
     scale = site["scale"] if sign == 1.0 else sign * site["scale"]

@@ -85,7 +85,8 @@ def log_prob_terms(model_trace, guide_trace, L, detach_discrete):
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             frames = user_frames(site)
-            lp = site_log_prob(site, detach_discrete and prefix == "guide", sign)
+            guide = prefix == "guide"
+            lp = site_log_prob(site, detach_discrete and guide, sign, certain=guide)
             if not torch.is_tensor(lp):  # masked out entirely
                 continue
             terms[prefix, name] = (frozenset(f.name for f in frames), frames, pad(lp, L, name))

@@ -168,10 +168,11 @@ def _guide_q(x):
         numpyro.sample("b", dist.Bernoulli(logits=q))
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("cls", ELBOS)
-def test_nan_logits_raise_outside_jit(cls, bad):
-    params = {"q": jnp.array([0.3, bad, 0.2])}
+def test_nan_logits_raise_outside_jit(cls):
+    """(Infinite Bernoulli logits are a certain unit, accepted:
+    tests/test_certain_outcomes.py, which also has the refused categorical rows.)"""
+    params = {"q": jnp.array([0.3, np.nan, 0.2])}
     with pytest.raises(ValueError, match="Guide site 'b' has NaN or infinite logits"):
         _loss(cls(), _model, _guide_q, params, X)
 

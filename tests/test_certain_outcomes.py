@@ -1,0 +1,404 @@
+"""
+Guide sites with outcomes of probability 0, in both packages: a masked class
+(``logits.masked_fill(~mask, -inf)``, the usual way to forbid an action or a
+label) and Bernoulli units forced off or on by logits of ``-inf`` / ``+inf``.
+
+Pyro's ``Trace_ELBO`` accepts masked categorical guides (validation on and
+off); NumPyro's SVI accepts all of them under ``jit`` (its validation refuses
+infinite logits only eagerly). Before ``certain_logits`` the estimators'
+arithmetic made NaN of them (``-inf * 0``): every loss was NaN, and several
+gradients were NaN or 0 (RLOO's categorical gradient was exactly 0).
+
+Each program (``*_spec(reduced=False)``) has an equivalent one without the
+certain outcomes (``reduced=True``: the guide draws only the free units or
+classes; the model puts the certain values back, and the certain units'
+prior terms are an observed site), with the same ELBO and gradient.
+
+1. Unbiased estimators: the mean of many single-step gradients is within
+   5 SE of the exact gradient of the reduced program (enumeration), with
+   power against a 10% bias; every loss is finite.
+2. Biased estimators (straight-through family): the same expectation as on
+   the reduced program (two-sample: the difference of independent batch
+   means is within 5 SE of 0, with power against a 10% difference).
+3. Logits that give no distribution (NaN, ``+inf`` in a categorical row, a
+   row of ``-inf`` only) still raise, naming the site (Pyro with validation
+   on and off; NumPyro outside ``jit``).
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import numpyro  # noqa: E402
+import pyro  # noqa: E402
+
+import specs  # noqa: E402
+import stats  # noqa: E402
+import numpyro_binary_grads as nbg  # noqa: E402
+import pyro_binary_grads as pbg  # noqa: E402
+
+INF = np.inf
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    """As tests/pyro/conftest.py: an empty param store, a fixed seed, float64."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+    pyro.clear_param_store()
+
+E2 = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # 2 free units into 4
+E3 = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # 2 free classes into 3
+
+
+def bernoulli_spec(reduced=False):
+    """4 units per data point; unit 2 forced off (-inf), unit 3 forced on (+inf)."""
+    N = 2
+    x = (np.random.default_rng(7).random((N, 3)) < 0.5).astype(np.float64)
+    W = np.random.default_rng(8).uniform(-1.0, 1.0, (4, 3))
+
+    def guide(B, x):
+        q = B.param("q_a", np.array([[0.4, -0.3], [-0.2, 0.5]]))
+        logits = q if reduced else B.matmul(q, B.asarray(E2)) + B.asarray(np.array([0, 0, -INF, INF]))
+        with B.plate("data", N, dim=-1):
+            B.sample("b", B.dist.Bernoulli(logits=logits).to_event(1))
+
+    def model(B, x):
+        p = B.param("p_prior", np.array([0.2, -0.5, 0.1, 0.3]))
+        w = B.param("p_W", W)
+        with B.plate("data", N, dim=-1):
+            if reduced:
+                free = B.take(p, B.asarray(np.array([0, 1])))
+                b = B.sample("b", B.dist.Bernoulli(logits=free).to_event(1))
+                B.sample("b_certain", B.dist.Bernoulli(logits=B.take(p, B.asarray(np.array([2, 3]))))
+                         .to_event(1), obs=B.asarray(np.tile([0.0, 1.0], (N, 1))))
+                b = B.matmul(b, B.asarray(E2)) + B.asarray(np.array([0.0, 0.0, 0.0, 1.0]))
+            else:
+                b = B.sample("b", B.dist.Bernoulli(logits=p).to_event(1))
+            B.sample("x", B.dist.Bernoulli(logits=B.matmul(b, w)).to_event(1), obs=x)
+
+    return specs.Spec(f"certain_bernoulli{'_reduced' * reduced}", model, guide, (x,))
+
+
+def categorical_spec(kind, reduced=False):
+    """3 classes, class 2 masked (-inf) in the guide; ``onehot``: in the model
+    prior too (the reduced program is then 2-class one-hot throughout),
+    ``categorical``: integer values, an unmasked 3-class model prior."""
+    N = 2
+    y = np.array([0.8, -0.4])
+    onehot = kind == "onehot"
+
+    def guide(B, y):
+        q = B.param("q_a", np.array([[0.4, -0.3], [-0.6, 0.2]]))
+        logits = q if reduced else B.matmul(q, B.asarray(E3)) + B.asarray(np.array([0, 0, -INF]))
+        with B.plate("data", N, dim=-1):
+            B.sample("c", (B.OneHotCategorical if onehot else B.dist.Categorical)(logits=logits))
+
+    def model(B, y):
+        mu = B.param("p_mu", np.array([-1.0, 0.0, 1.0]))
+        with B.plate("data", N, dim=-1):
+            if onehot:
+                p = B.param("p_logits", np.array([0.1, -0.2]))
+                logits = p if reduced else B.matmul(p, B.asarray(E3)) + B.asarray(np.array([0, 0, -INF]))
+                c = B.sample("c", B.OneHotCategorical(logits=logits))
+                v = B.matmul(c, B.asarray(E3)) if reduced else c
+            else:
+                p = B.param("p_logits", np.array([0.1, 0.0, -0.1]))
+                v = B.one_hot(B.sample("c", B.dist.Categorical(logits=p)), 3)
+            B.sample("y", B.dist.Normal(B.sum(v * mu, -1), 1.0), obs=y)
+
+    return specs.Spec(f"certain_{kind}{'_reduced' * reduced}", model, guide, (y,))
+
+
+def make_spec(kind, reduced=False):
+    return bernoulli_spec(reduced) if kind == "bernoulli" else categorical_spec(kind, reduced)
+
+
+# (kind, estimator label): unbiased against the exact ELBO gradient, or against
+# the K-sample bound's (VIMCO, LocalDisARM_IWAE)
+UNBIASED = {
+    "bernoulli": ["ARM_ELBO", "DisARM_ELBO", "RLOO_ELBO", "REBAR_ELBO", "VIMCO", "LocalDisARM_IWAE"],
+    "categorical": ["DisARM_ELBO", "RLOO_ELBO", "VIMCO"],
+    "onehot": ["DisARM_ELBO", "RLOO_ELBO", "REBAR_ELBO", "VIMCO"],
+}
+BIASED = {
+    "bernoulli": ["ST_ELBO", "GumbelSoftmaxST_ELBO", "ReinMax_ELBO"],
+    "onehot": ["ST_ELBO", "GumbelSoftmaxST_ELBO", "ReinMax_ELBO", "ReinMaxRao_ELBO",
+               "ReinMaxCV_ELBO", "GumbelRao_ELBO"],
+}
+
+
+def _make(package, label, **kw):
+    cls = getattr(package, label)
+    if label == "VIMCO":
+        return cls(num_samples=2, **kw)
+    if label == "LocalDisARM_IWAE":
+        return cls(num_pairs=2, **kw)  # the 2-sample bound, as VIMCO's
+    if label == "REBAR_ELBO":
+        return cls(temperature=0.5, eta=1.0, adapt=False, **kw)
+    return cls(**kw)
+
+
+#: draws per batch (30 batches): the Bernoulli program's guide gradients are smaller
+PARTICLES = {"bernoulli": 4000, "categorical": 2000, "onehot": 2000}
+
+
+def _multisample(label):
+    return label in ("VIMCO", "LocalDisARM_IWAE")
+
+
+# ------------------------------------------------------------------------------------------
+# NumPyro
+# ------------------------------------------------------------------------------------------
+
+def _numpyro_exact(kind, label):
+    from numpyro_oracle import exact_iwae_value_and_grads, exact_value_and_grads, init_params
+    spec = make_spec(kind, reduced=True)
+    params = init_params(spec)
+    if _multisample(label):
+        _, g = exact_iwae_value_and_grads(spec, params, num_samples=2, loss=True)
+    else:
+        _, g = exact_value_and_grads(spec, params, loss=True)
+    names = sorted(g)
+    return names, np.concatenate([np.ravel(g[k]) for k in names]), _labels(g, names)
+
+
+def _labels(grads, names):
+    """One label per flat coordinate: ``name[i,j]``."""
+    return [f"{k}[{','.join(map(str, i))}]" if np.ndim(grads[k]) else k
+            for k in names for i in np.ndindex(np.shape(grads[k]))]
+
+
+def _numpyro_draws(labels, spec, names, particles, batches, seed=0):
+    """``[(batch means, losses finite)]`` per estimator, all in one jit."""
+    from numpyro_oracle import init_params
+    B = specs.numpyro_backend()
+    model, guide, args = spec.bind(B)
+    params = init_params(spec)
+    elbos = [_make(nbg, label) for label in labels]
+
+    def one(key):
+        out, losses = [], []
+        for elbo in elbos:
+            loss, g = jax.value_and_grad(lambda p: elbo.loss(key, p, model, guide, *args))(params)
+            out.append(jnp.concatenate([jnp.ravel(g[k]) for k in names]))
+            losses.append(loss)
+        return jnp.stack(out), jnp.stack(losses)
+
+    @jax.jit
+    def run(key):
+        keys = jax.random.split(key, batches * particles).reshape(batches, particles, -1)
+        g, losses = jax.vmap(jax.vmap(one))(keys)
+        return jnp.mean(g, 1), jnp.all(jnp.isfinite(losses), (0, 1))
+
+    key = jax.random.PRNGKey(seed)
+    means, finite = run.lower(key).compile(
+        compiler_options={"xla_backend_optimization_level": 0})(key)
+    return [(np.asarray(means[:, i]), bool(finite[i])) for i in range(len(labels))]
+
+
+@pytest.mark.parametrize("kind", sorted(UNBIASED))
+def test_numpyro_unbiased(kind):
+    spec = make_spec(kind)
+    labels = UNBIASED[kind]
+    exact = {label: _numpyro_exact(kind, label) for label in labels}
+    names, _, coords = exact[labels[0]]
+    with numpyro.validation_enabled(False):  # (under jit validation never sees values)
+        draws = _numpyro_draws(labels, spec, names, PARTICLES[kind], 30)
+    for label, (means, finite) in zip(labels, draws):
+        assert finite, f"{label}: a non-finite loss"
+        result = stats.check_unbiased(means, exact[label][1], names=coords)
+        _assert_powerful(f"numpyro {kind} {label}", result, coords)
+
+
+def _assert_powerful(label, result, coords):
+    """Power on the guide coordinates (``q_``): the model's are pathwise, and
+    the certain units' prior terms are constants (se 0)."""
+    guide = np.array([c.startswith("q_") for c in coords])
+    se = np.where(result.se > 0, result.se, np.inf)
+    power = np.max((0.1 * np.abs(result.exact) / se)[guide])
+    print(f"{label}: max|z| = {result.max_abs_z:.2f}, guide power {power:.1f}")
+    assert power >= 8.1, f"{label}: too little power ({power:.2f})"
+
+
+def _two_sample(label, ours, reduced, names):
+    """The difference of independent batch means is within 5 SE of 0, and a
+    10% difference from the reduced program's mean would be seen."""
+    result = stats.check_unbiased(ours - reduced, np.zeros(ours.shape[1]), names=names)
+    guide = np.array([c.startswith("q_") for c in names])
+    se = np.where(result.se > 0, result.se, np.inf)
+    power = np.max((0.1 * np.abs(reduced.mean(0)) / se)[guide])
+    print(f"{label}: max|z| = {result.max_abs_z:.2f}, guide power {power:.1f}")
+    assert power >= 8.1, f"{label}: too little power ({power:.2f})"
+
+
+@pytest.mark.parametrize("kind", sorted(BIASED))
+def test_numpyro_biased_as_on_the_reduced_program(kind):
+    labels = BIASED[kind]
+    names, _, coords = _numpyro_exact(kind, "DisARM_ELBO")
+    n = PARTICLES[kind]
+    ours = _numpyro_draws(labels, make_spec(kind), names, n, 30, seed=1)
+    reduced = _numpyro_draws(labels, make_spec(kind, reduced=True), names, n, 30, seed=2)
+    for label, (a, finite), (b, _) in zip(labels, ours, reduced):
+        assert finite, f"{label}: a non-finite loss"
+        _two_sample(f"numpyro {kind} {label}", a, b, coords)
+
+
+# ------------------------------------------------------------------------------------------
+# Pyro
+# ------------------------------------------------------------------------------------------
+
+def _pyro_exact(kind, label):
+    from pyro_oracle import exact_iwae_value_and_grads, exact_value_and_grads
+    spec = make_spec(kind, reduced=True)
+    if _multisample(label):
+        _, g = exact_iwae_value_and_grads(spec, num_samples=2, loss=True)
+    else:
+        _, g = exact_value_and_grads(spec, loss=True)
+    names = sorted(g)
+    return names, np.concatenate([g[k].flatten() for k in names]), _labels(g, names)
+
+
+def _pyro_draws(label, spec, names, particles, calls):
+    from pyro_oracle import init_params
+    from test_unbiased import flat_grads
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    elbo = _make(pbg, label, num_particles=particles, vectorize_particles=True)
+    rows = []
+    for _ in range(calls):
+        loss = elbo.differentiable_loss(model, guide, *args)
+        assert torch.isfinite(loss), f"{label}: loss {loss.item()}"
+        rows.append(flat_grads(loss, names))
+    return stats.batch_means(np.stack(rows), 30)
+
+
+#: (kind, estimator, validation): validation on where torch's checks could
+#: see the certain logits (each kind once, and the compiled class)
+PYRO_UNBIASED = [(k, label, False) for k, labels in UNBIASED.items() for label in labels]
+PYRO_UNBIASED += [(k, UNBIASED[k][0], True) for k in UNBIASED]
+PYRO_UNBIASED += [("bernoulli", "JitDisARM_ELBO", v) for v in (True, False)]
+
+
+@pytest.mark.parametrize("kind,label,validate", PYRO_UNBIASED)
+def test_pyro_unbiased(kind, label, validate):
+    names, exact, coords = _pyro_exact(kind, label)
+    with pyro.validation_enabled(validate):
+        if label.startswith("Jit"):
+            draws = _pyro_jit_draws(label, make_spec(kind), names)
+        else:
+            draws = _pyro_draws(label, make_spec(kind), names, PARTICLES[kind], 30)
+    result = stats.check_unbiased(draws, exact, names=coords)
+    _assert_powerful(f"pyro {kind} {label} validation={validate}", result, coords)
+
+
+def _pyro_jit_draws(label, spec, names, calls=300):
+    """A compiled class (its trace replayed after the first step), through
+    ``loss_and_grads`` as SVI calls it."""
+    from pyro_oracle import init_params
+    init_params(spec)
+    model, guide, args = spec.bind(specs.pyro_backend())
+    elbo = getattr(pbg, label)(num_particles=100, vectorize_particles=True)
+    store = pyro.get_param_store()
+    rows = []
+    for _ in range(calls):
+        for k in names:
+            store[k].unconstrained().grad = None
+        loss = elbo.loss_and_grads(model, guide, *args)
+        assert np.isfinite(loss), f"{label}: loss {loss}"
+        rows.append(np.concatenate([store[k].unconstrained().grad.double().flatten().numpy()
+                                    if store[k].unconstrained().grad is not None
+                                    else np.zeros(store[k].numel()) for k in names]))
+    return stats.batch_means(np.stack(rows), 30)
+
+
+PYRO_BIASED = [(k, label) for k, labels in BIASED.items() for label in labels]
+
+
+@pytest.mark.parametrize("kind,label", PYRO_BIASED)
+def test_pyro_biased_as_on_the_reduced_program(kind, label):
+    names, _, coords = _pyro_exact(kind, "DisARM_ELBO")
+    pyro.set_rng_seed(1)
+    ours = _pyro_draws(label, make_spec(kind), names, PARTICLES[kind], 30)
+    reduced = _pyro_draws(label, make_spec(kind, reduced=True), names, PARTICLES[kind], 30)
+    _two_sample(f"pyro {kind} {label}", ours, reduced, coords)
+
+
+# ------------------------------------------------------------------------------------------
+# logits that give no distribution still raise
+# ------------------------------------------------------------------------------------------
+
+BAD = {
+    "bernoulli NaN": ("bernoulli", [0.3, np.nan, 0.2]),
+    "categorical +inf": ("categorical", [[0.3, INF, 0.0]]),
+    "categorical row of -inf": ("categorical", [[0.3, 0.1, 0.0], [-INF, -INF, -INF]]),
+    "one-hot row of -inf": ("onehot", [[-INF, -INF, -INF]]),
+}
+
+
+def _bad_program(B, kind, logits):
+    logits = np.asarray(logits, dtype=np.float64)
+
+    def guide():
+        a = B.asarray(logits)
+        with B.plate("data", logits.shape[0], dim=-1):
+            if kind == "bernoulli":
+                B.sample("z", B.dist.Bernoulli(logits=a))
+            else:
+                B.sample("z", (B.OneHotCategorical if kind == "onehot" else B.dist.Categorical)(
+                    logits=a))
+
+    def model():
+        with B.plate("data", logits.shape[0], dim=-1):
+            if kind == "bernoulli":
+                B.sample("z", B.dist.Bernoulli(logits=B.zeros(logits.shape)))
+            elif kind == "onehot":
+                B.sample("z", B.OneHotCategorical(logits=B.zeros(logits.shape)))
+            else:
+                B.sample("z", B.dist.Categorical(logits=B.zeros(logits.shape)))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation", "no-validation"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_pyro_logits_without_a_distribution_raise(case, validate):
+    kind, logits = BAD[case]
+    model, guide = _bad_program(specs.pyro_backend(), kind, logits)
+    with pyro.validation_enabled(validate):
+        with pytest.raises(ValueError, match="Guide site 'z' has NaN or infinite logits"):
+            pbg.RLOO_ELBO().differentiable_loss(model, guide)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_numpyro_logits_without_a_distribution_raise(case):
+    kind, logits = BAD[case]
+    model, guide = _bad_program(specs.numpyro_backend(), kind, logits)
+    with numpyro.validation_enabled(False):
+        with pytest.raises(ValueError, match="Guide site 'z' has NaN or infinite logits"):
+            nbg.RLOO_ELBO().loss(jax.random.PRNGKey(0), {}, model, guide)
+
+
+def test_numpyro_accepts_them_with_validation_on_too():
+    """NumPyro's validation refuses infinite logits where it sees values (eagerly);
+    our evaluations run with validation off (as documented), as SVI's jitted
+    step does, so the result is the same with validation on."""
+    B = specs.numpyro_backend()
+    model, guide, args = make_spec("onehot").bind(B)
+    from numpyro_oracle import init_params
+    params = init_params(make_spec("onehot"))
+    values = []
+    for validate in (True, False):
+        with numpyro.validation_enabled(validate):
+            values.append(float(nbg.DisARM_ELBO().loss(jax.random.PRNGKey(3), params, model,
+                                                       guide, *args)))
+    assert np.isfinite(values[0]) and values[0] == values[1]
