@@ -185,6 +185,24 @@ def draws_of(elbo, model, guide, names, calls, *args):
     return stats.batch_means(np.stack(rows), 30)
 
 
+def assert_same_draws_without_validation(make_elbo, model, guide, names, seeds=20):
+    """Fresh ``make_elbo()`` instances with validation on and off draw, seed by
+    seed, the same first-step loss and gradient (detection included): the
+    statistical check of the validation-off case then covers this one. (A
+    fresh instance per seed: an instance's draws depend on the structures its
+    earlier steps cached.)"""
+    for seed in range(seeds):
+        out = []
+        for validate in (True, False):
+            pyro.set_rng_seed(seed)
+            with pyro.validation_enabled(validate), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = make_elbo().differentiable_loss(model, guide)
+            out.append((loss.item(), flat_grads(loss, names)))
+        assert out[0][0] == out[1][0]
+        np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
 @pytest.mark.parametrize("validation", [True, False])
 @pytest.mark.parametrize("Elbo,kwargs,program,params,calls,powered", NON_BROADCASTING_CASES,
                          ids=lambda v: getattr(v, "__name__", v if isinstance(v, str) else None))
@@ -193,7 +211,8 @@ def test_non_broadcasting_program_is_unbiased(Elbo, kwargs, program, params, cal
     """Detected on the first step whatever the validation setting (one
     warning naming the site), then the exact gradient (5 SE), powered on
     each guide logit of the program (VIMCO: of its K-sample bound, exact
-    over the paths of b)."""
+    over the paths of b). With validation on, the draws equal those with it
+    off, seed by seed (the statistics are run once, with it off)."""
     model, guide, site = PROGRAMS[program](**params)
     def iwae_bound():
         lq, f = path_log_weights(model, guide, MATMUL_PATHS)
@@ -206,6 +225,9 @@ def test_non_broadcasting_program_is_unbiased(Elbo, kwargs, program, params, cal
         with pytest.warns(UserWarning, match=f"{site}.*sequentially") as record:
             first = flat_grads(elbo.differentiable_loss(model, guide), names)
         assert sum("sequentially" in str(w.message) for w in record) == 1
+        if validation:
+            assert_same_draws_without_validation(lambda: Elbo(**kwargs), model, guide, names)
+            return
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*does not broadcast")
             rows = [first] + [flat_grads(elbo.differentiable_loss(model, guide), names)
@@ -329,6 +351,7 @@ def tree_exact(model, guide, K=None):
 TREE_CASES = [
     # (class, parameters, constructor kwargs, calls, validation); num_particles=10
     # draws per call (a loop: the guide calls .item()) amortize the backward pass
+    # (with validation on: the same draws as with it off, seed by seed)
     (DisARM_ELBO, TREE_PAIR, dict(num_particles=10), 550, True),
     (DisARM_ELBO, TREE_PAIR, dict(num_particles=10), 550, False),
     (ARM_ELBO, TREE_PAIR, dict(num_particles=10), 750, True),
@@ -351,7 +374,13 @@ def test_tree_structure_is_unbiased(Elbo, params, kwargs, calls, validation):
         names, exact = exact_of(model, guide, lambda: tree_exact(model, guide, K))
         elbo = Elbo(**kwargs)
         with pytest.warns(UserWarning, match="sequentially"):
-            draws = draws_of(elbo, model, guide, names, calls)
+            if validation:
+                elbo.differentiable_loss(model, guide)
+            else:
+                draws = draws_of(elbo, model, guide, names, calls)
+    if validation:
+        assert_same_draws_without_validation(lambda: Elbo(**kwargs), model, guide, names)
+        return
     check(draws, exact, f"{Elbo.__name__} tree validation={validation}",
           powered=["q_a0", "q_a1"])
 
