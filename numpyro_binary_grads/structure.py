@@ -102,8 +102,7 @@ def certain_logits(a, kind):
     r"""
     The logits of a guide site with outcomes of probability 0 (a masked class
     at ``-inf``, a unit forced by ``+-inf``, ``Categorical(probs=...)`` with
-    a zero, whose logit NumPyro clips to the dtype's lowest value) made
-    finite, so that every estimator's arithmetic stays finite (``-inf * 0``
+    a zero, whose NumPyro logit is ``-inf``) made finite, so that every estimator's arithmetic stays finite (``-inf * 0``
     is NaN):
 
     * a Bernoulli logit is clipped to :math:`[-G, G]`;
