@@ -14,6 +14,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
 from numpyro.distributions.util import promote_shapes
 
+from binary_grads_common.logits import MASKED_LOG_SOFTMAX_DOC
+
 
 class _OneHot(constraints.Constraint):
     """One-hot vectors along the last dim."""
@@ -41,12 +43,12 @@ one_hot = _OneHot()
 
 
 def masked_log_softmax(a, value):
-    """``log_softmax(a)`` with 0 where it is ``-inf`` (a class of probability
-    0, as masked logits give) and ``value`` is 0: ``value * log_softmax(a)`` is
-    then 0 there, not NaN (its gradient in ``value`` 0 there, in ``a``
-    unchanged)."""
+    # docstring below: binary_grads_common.logits, one text with Pyro's
     logp = jax.nn.log_softmax(a, -1)
     return jnp.where(jnp.isneginf(logp) & (value == 0), 0.0, logp)
+
+
+masked_log_softmax.__doc__ = MASKED_LOG_SOFTMAX_DOC
 
 
 class OneHotCategorical(Distribution):

@@ -21,6 +21,7 @@ from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistr
 from numpyro.distributions.util import clamp_probs
 from numpyro.util import not_jax_tracer
 
+from binary_grads_common.logits import CERTAIN_GAP, CERTAIN_LOGITS_DOC, bad_logits_message
 from .distributions import OneHotCategorical, masked_log_softmax
 
 __all__ = [
@@ -91,34 +92,18 @@ def site_logits(fn, kind, shape):
     return certain_logits(a, kind)
 
 
-#: How far below the largest logit of its row a categorical logit may lie
-#: (plus that logit's magnitude), and how far from 0 a Bernoulli logit:
-#: beyond it the outcome has probability 0 in float32 and float64, and no
-#: Gumbel or logistic draw (at most 37 in float64) reaches it.
-CERTAIN_GAP = 1000.0
-
-
 def certain_logits(a, kind):
-    r"""
-    The logits of a guide site with outcomes of probability 0 (a masked class
-    at ``-inf``, a unit forced by ``+-inf``, ``Categorical(probs=...)`` with
-    a zero, whose NumPyro logit is ``-inf``) made finite, so that every estimator's arithmetic stays finite (``-inf * 0``
-    is NaN):
-
-    * a Bernoulli logit is clipped to :math:`[-G, G]`;
-    * a categorical logit is clipped from below at :math:`m - (G + |m|)`,
-      with :math:`m` the largest logit of its row (not differentiated),
-
-    :math:`G` = :data:`CERTAIN_GAP`. The draws and probabilities are the
-    same (``exp(-G)`` is 0 in float32 and float64), and so is the gradient
-    (0 at such logits). NaN, ``+inf`` in a categorical row and a row of
-    ``-inf`` only are left as they are, for :func:`_check_finite` to name.
-    """
+    # docstring below: binary_grads_common.logits, one text with Pyro's
     if kind == "bernoulli":
         return jnp.clip(a, -CERTAIN_GAP, CERTAIN_GAP)
     m = stop_gradient(jnp.max(a, axis=-1, keepdims=True))
     floor = m - (CERTAIN_GAP + jnp.abs(m))
     return jnp.where(a < floor, floor, a)
+
+
+certain_logits.__doc__ = CERTAIN_LOGITS_DOC.format(
+    extra=", ``Categorical(probs=...)`` with a zero, whose NumPyro logit is ``-inf``",
+    check=":func:`_check_finite`")
 
 
 def _log_prob(fn, value, detach, certain=False):
@@ -278,11 +263,7 @@ def _check_finite(name, alpha):
     # would give a traced isfinite
     if not_jax_tracer(alpha) and not np.all(np.isfinite(np.asarray(alpha))):
         raise ValueError(
-            f"Guide site '{name}' has NaN or infinite logits that give no "
-            "distribution (NaN, +inf in a categorical, or a categorical row that "
-            "is -inf throughout); check the guide's parameters (e.g. lower the "
-            "learning rate) or clamp the logits. (Masked classes at -inf and "
-            "Bernoulli logits of +-inf are fine.) "
+            bad_logits_message(name) + " "
             "(Under jit or grad this cannot be detected and the loss is NaN; "
             "SVI.stable_update skips such steps.)"
         )

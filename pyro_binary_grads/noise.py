@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from binary_grads_common.logits import bad_logits_message
+
 from .estimators import antithetic_value, bernoulli_value, pair_value, stick_breaking_value
 from .structure import StructureChanged, compact, site_logits
 
@@ -63,13 +65,7 @@ def uniform(noise, name, index, seed, shape, alpha):
 
 def check_logits(name, alpha):
     if not torch.isfinite(compact(alpha)).all():
-        raise ValueError(
-            f"Guide site '{name}' has NaN or infinite logits that give no "
-            "distribution (NaN, +inf in a categorical, or a categorical row that "
-            "is -inf throughout); check the guide's parameters (e.g. lower the "
-            "learning rate) or clamp the logits. (Masked classes at -inf and "
-            "Bernoulli logits of +-inf are fine.)"
-        )
+        raise ValueError(bad_logits_message(name))
 
 
 def categorical_value(u, alpha, one_hot):

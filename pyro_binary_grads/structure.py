@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
 import pyro.poutine as poutine
+from binary_grads_common.logits import CERTAIN_GAP, CERTAIN_LOGITS_DOC, MASKED_LOG_SOFTMAX_DOC
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.subsample_messenger import _Subsample
@@ -84,34 +85,17 @@ def site_logits(fn):
     return logits.expand(shape)
 
 
-#: How far below the largest logit of its row a categorical logit may lie
-#: (plus that logit's magnitude), and how far from 0 a Bernoulli logit:
-#: beyond it the outcome has probability 0 in float32 and float64, and no
-#: Gumbel or logistic draw (at most 37 in float64) reaches it.
-CERTAIN_GAP = 1000.0
-
-
 def certain_logits(a, kind):
-    r"""
-    The logits of a guide site with outcomes of probability 0 (a masked class
-    at ``-inf``, a unit forced by ``+-inf``) made finite, so that every
-    estimator's arithmetic stays finite (``-inf * 0`` is NaN):
-
-    * a Bernoulli logit is clamped to :math:`[-G, G]`;
-    * a categorical logit is clamped from below at :math:`m - (G + |m|)`,
-      with :math:`m` the largest logit of its row (not differentiated),
-
-    :math:`G` = :data:`CERTAIN_GAP`. The draws and probabilities are the
-    same (``exp(-G)`` is 0 in float32 and float64), and so is the gradient
-    (0 at such logits). NaN, ``+inf`` in a categorical row and a row of
-    ``-inf`` only are left as they are, for
-    :func:`~pyro_binary_grads.noise.check_logits` to name.
-    """
+    # docstring below: binary_grads_common.logits, one text with NumPyro's
     if kind == "bernoulli":
         return a.clamp(-CERTAIN_GAP, CERTAIN_GAP)
     m = a.detach().amax(-1, keepdim=True)
     floor = m - (CERTAIN_GAP + m.abs())
     return torch.where(a < floor, floor, a)
+
+
+certain_logits.__doc__ = CERTAIN_LOGITS_DOC.format(
+    extra="", check=":func:`~pyro_binary_grads.noise.check_logits`")
 
 
 def discrete_log_prob(fn, value, certain=False):
@@ -147,12 +131,12 @@ def discrete_log_prob(fn, value, certain=False):
 
 
 def _masked_log_softmax(a, value):
-    """``log_softmax(a)`` with 0 where it is ``-inf`` (a class of probability
-    0, as masked logits give) and ``value`` is 0: ``value * log_softmax(a)`` is
-    then 0 there, not NaN (its gradient in ``value`` 0 there, in ``a``
-    unchanged)."""
+    # docstring below: binary_grads_common.logits, one text with NumPyro's
     logp = torch.log_softmax(a, -1)
     return torch.where(torch.isneginf(logp) & (value == 0), 0.0, logp)
+
+
+_masked_log_softmax.__doc__ = MASKED_LOG_SOFTMAX_DOC
 
 
 def compact(t):
