@@ -839,7 +839,8 @@ def test_sequential_path_can_share_continuous_noise(validation, monkeypatch):
     exact (5 SE, powered on q_a). The per-coordinate guide-gradient variance
     ratio fresh / shared is printed (measured: q_a 8.94, q_c 1.04, q_m 0.54:
     the logit's variance falls, the pathwise q_m's rises, the two
-    evaluations' pathwise terms being correlated)."""
+    evaluations' pathwise terms being correlated). With validation on: the
+    shared noise, and the same draws as with it off, seed by seed."""
     import pyro_binary_grads.sequential as sequential
 
     model, guide = discrete_then_continuous()
@@ -853,6 +854,10 @@ def test_sequential_path_can_share_continuous_noise(validation, monkeypatch):
             eps = [(t.nodes["z"]["value"] - t.nodes["z"]["fn"].loc) / 0.8 for t in (g0, g1)]
             assert g0.nodes["b"]["value"] != g1.nodes["b"]["value"]  # logit 0.1: always flipped
             torch.testing.assert_close(eps[0], eps[1], rtol=0, atol=1e-12)
+        if validation:  # the statistics below run once, with validation off
+            assert_same_draws_without_validation(lambda: DisARM_ELBO(vectorize=False), model,
+                                                 guide, names)
+            return
         variances = {}
         for share in (True, False):
             monkeypatch.setattr(sequential, "SHARE_CONTINUOUS_NOISE", share)
