@@ -63,14 +63,18 @@ def _bernoulli_logits(base):
     """
     The logits of a Bernoulli site. ``probs`` are clamped to
     ``[tiny, 1 - eps]`` first, as NumPyro's ``BernoulliProbs.logits`` does
-    (``clamp_probs``): ``probs`` of exactly 0 or 1 (``sigmoid(h)`` saturates
-    at ``h`` above about 17 in float32) give finite logits whose gradient is
-    0, as in :class:`numpyro.infer.Trace_ELBO`, not NaN.
+    (``clamp_probs``), so that probs near 0 or 1 give finite logits whose
+    gradient is 0, not NaN; probs of exactly 0 or 1 (``sigmoid(h)`` is 1 for
+    ``h`` above about 17 in float32) give ``-inf`` / ``+inf``: NumPyro's
+    sampler never draws their other value, nor do the estimators
+    (:func:`certain_logits`), and :func:`_bernoulli_log_prob` takes the limit.
     """
     if isinstance(base, dist.BernoulliLogits):
         return base.logits
-    probs = clamp_probs(base.probs)
-    return jnp.log(probs) - jnp.log1p(-probs)
+    p = base.probs
+    c = clamp_probs(p)
+    a = jnp.log(c) - jnp.log1p(-c)
+    return jnp.where(p <= 0, -jnp.inf, jnp.where(p >= 1, jnp.inf, a))
 
 
 def site_logits(fn, kind, shape):

@@ -8,6 +8,7 @@ never with ``fn.log_prob``: smooth, valid at relaxed values, differentiable in
 :math:`v` (DESIGN.md, "the site mechanism", point 5).
 """
 
+import math
 import warnings
 from collections import OrderedDict
 
@@ -76,13 +77,32 @@ def site_logits(fn):
     ``fn.batch_shape + fn.event_shape`` (plus the class dim for categoricals).
     """
     base = _base_dist(fn)
-    logits = certain_logits(base.logits, site_kind(base))
+    logits = certain_logits(_exact_logits(base), site_kind(base))
     if isinstance(base, Bernoulli):
         return logits.expand(fn.batch_shape + fn.event_shape)
     shape = fn.batch_shape + fn.event_shape
     if isinstance(base, Categorical) and not isinstance(base, OneHotCategorical):
         shape = shape + logits.shape[-1:]
     return logits.expand(shape)
+
+
+def _exact_logits(base):
+    """
+    ``base.logits``, except for a distribution made from ``probs`` with
+    probabilities of exactly 0 (or a Bernoulli's 1): ``-inf`` (``+inf``)
+    there, not torch's ``log(eps)`` (``probs_to_logits`` clamps), so that the
+    estimators never draw what Pyro's sampler never draws
+    (:func:`certain_logits` then makes them finite). Probabilities near 0
+    or 1 keep torch's clamped logits and their gradient.
+    """
+    logits = base.logits
+    d = base._categorical if isinstance(base, OneHotCategorical) else base
+    probs = d.__dict__.get("probs")
+    if probs is None or d._param is not probs:  # made from logits
+        return logits
+    if isinstance(base, Bernoulli):
+        return torch.where(probs <= 0, -math.inf, torch.where(probs >= 1, math.inf, logits))
+    return torch.where(probs <= 0, -math.inf, logits)
 
 
 def certain_logits(a, kind):
@@ -119,7 +139,7 @@ def discrete_log_prob(fn, value, certain=False):
         return fn.log_prob(value)
     a = fn.logits
     if certain:
-        a = certain_logits(compact(a), site_kind(fn)).expand(a.shape)
+        a = certain_logits(compact(_exact_logits(fn)), site_kind(fn)).expand(a.shape)
     if isinstance(fn, Bernoulli):
         return value * a - F.softplus(compact(a))
     if isinstance(fn, OneHotCategorical):

@@ -402,3 +402,53 @@ def test_numpyro_accepts_them_with_validation_on_too():
             values.append(float(nbg.DisARM_ELBO().loss(jax.random.PRNGKey(3), params, model,
                                                        guide, *args)))
     assert np.isfinite(values[0]) and values[0] == values[1]
+
+
+# ------------------------------------------------------------------------------------------
+# probs of exactly 0 or 1: never drawn, as the frameworks' samplers never draw them
+# ------------------------------------------------------------------------------------------
+
+def _extreme_uniforms(dtype):
+    """The smallest and the largest uniform either package's noise can hold."""
+    info = np.finfo(dtype)
+    return np.array([info.tiny, 1.0 - info.epsneg], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pyro_probs_of_zero_or_one_are_never_drawn(dtype):
+    """torch's ``probs_to_logits`` clamps a probability of 0 to ``eps``: a
+    logit of -15.9 in float32, drawn with probability 1.2e-7 by a logistic or
+    Gumbel draw (a model with -inf there then gives NaN), though Pyro's
+    sampler never draws it. At the most extreme uniforms the estimators'
+    draws keep to the support."""
+    from pyro_binary_grads.estimators import bernoulli_value
+    from pyro_binary_grads.noise import categorical_value
+    from pyro_binary_grads.structure import site_logits
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    lo, hi = torch.as_tensor(_extreme_uniforms(dtype))
+    b = pyro.distributions.Bernoulli(probs=torch.tensor([0.0, 1.0], dtype=tdtype))
+    alpha = site_logits(b)
+    for u in (lo, hi):
+        assert bernoulli_value(u.expand(2), alpha).tolist() == [0.0, 1.0]
+    for cls in (pyro.distributions.Categorical, pyro.distributions.OneHotCategorical):
+        c = cls(probs=torch.tensor([0.0, 0.5, 0.5], dtype=tdtype))
+        alpha = site_logits(c)
+        u = torch.stack([hi, lo, lo])  # the largest Gumbel for the class of probability 0
+        assert categorical_value(u, alpha, one_hot=False).item() != 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpyro_probs_of_zero_or_one_are_never_drawn(dtype):
+    """As above: NumPyro's ``BernoulliProbs.logits`` clamps too (its
+    categorical logits are ``log(probs)``, -inf at 0)."""
+    from numpyro_binary_grads.estimators import bernoulli_value
+    from numpyro_binary_grads.noise import _categorical_value
+    from numpyro_binary_grads.structure import site_logits
+    lo, hi = jnp.asarray(_extreme_uniforms(dtype))
+    b = numpyro.distributions.Bernoulli(probs=jnp.array([0.0, 1.0], dtype=dtype))
+    alpha = site_logits(b, "bernoulli", (2,))
+    for u in (lo, hi):
+        assert bernoulli_value(jnp.broadcast_to(u, (2,)), alpha).tolist() == [0.0, 1.0]
+    c = numpyro.distributions.Categorical(probs=jnp.array([0.0, 0.5, 0.5], dtype=dtype))
+    alpha = site_logits(c, "categorical", ())
+    assert int(_categorical_value(jnp.stack([hi, lo, lo]), alpha, False)) != 0
