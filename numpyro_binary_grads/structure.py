@@ -59,21 +59,23 @@ def _kind(base):
     return None
 
 
-def _bernoulli_logits(base):
+def _bernoulli_logits(base, exact=False):
     """
     The logits of a Bernoulli site. ``probs`` are clamped to
     ``[tiny, 1 - eps]`` first, as NumPyro's ``BernoulliProbs.logits`` does
-    (``clamp_probs``), so that probs near 0 or 1 give finite logits whose
-    gradient is 0, not NaN; probs of exactly 0 or 1 (``sigmoid(h)`` is 1 for
-    ``h`` above about 17 in float32) give ``-inf`` / ``+inf``: NumPyro's
-    sampler never draws their other value, nor do the estimators
-    (:func:`certain_logits`), and :func:`_bernoulli_log_prob` takes the limit.
+    (``clamp_probs``): probs near or at 0 or 1 (``sigmoid(h)`` is 1 for ``h``
+    above about 17 in float32) give finite logits whose gradient is 0, not
+    NaN. With ``exact`` (a guide site's draws, as in Pyro's ``_exact_logits``)
+    probs of exactly 0 or 1 give ``-inf`` / ``+inf``: NumPyro's sampler never
+    draws their other value, nor then do the estimators (:func:`certain_logits`).
     """
     if isinstance(base, dist.BernoulliLogits):
         return base.logits
     p = base.probs
     c = clamp_probs(p)
     a = jnp.log(c) - jnp.log1p(-c)
+    if not exact:
+        return a
     return jnp.where(p <= 0, -jnp.inf, jnp.where(p >= 1, jnp.inf, a))
 
 
@@ -85,7 +87,7 @@ def site_logits(fn, kind, shape):
     """
     base = _base_dist(fn)
     if kind == "bernoulli":
-        a = _bernoulli_logits(base)
+        a = _bernoulli_logits(base, exact=True)
     else:
         a = base.logits
         if kind == "categorical":
@@ -142,7 +144,7 @@ def _unbroadcast_log_prob(fn, value, detach, certain):
     kind = _kind(fn)
     if kind is None:
         return None
-    a = _bernoulli_logits(fn) if kind == "bernoulli" else fn.logits
+    a = _bernoulli_logits(fn, exact=certain) if kind == "bernoulli" else fn.logits
     a = certain_logits(a, kind) if certain else a
     a = stop_gradient(a) if detach else a
     if kind == "bernoulli":
