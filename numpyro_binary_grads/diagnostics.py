@@ -26,11 +26,15 @@ from numpyro.distributions.distribution import (
     ExpandedDistribution,
     Independent,
     MaskedDistribution,
+    validation_enabled,
 )
 from numpyro.distributions.transforms import biject_to
 from numpyro.primitives import Messenger
 
 from binary_grads_common.report import Comparison, EstimatorReport, named_estimators
+
+from .distributions import masked_log_softmax
+from .structure import _bernoulli_log_prob, _bernoulli_logits, certain_logits
 
 __all__ = ["compare_estimators", "exact_elbo"]
 
@@ -59,25 +63,30 @@ def _kind(fn):
     return None
 
 
-def _discrete_log_prob(fn, value, masked=True):
+def _discrete_log_prob(fn, value, masked=True, certain=False):
     """Log-prob of a discrete value from the logits (NumPyro's
     ``Bernoulli(logits=0).log_prob`` has a wrong gradient), of ``fn``'s batch
-    shape; ``masked=False`` ignores ``MaskedDistribution`` masks (for q)."""
+    shape; ``masked=False`` ignores ``MaskedDistribution`` masks (for q);
+    ``certain`` (a guide site) takes its :func:`certain_logits`, as the
+    estimators do, so that a configuration of probability 0 has a finite
+    log-prob (about -1e9) and weight exactly 0."""
     if isinstance(fn, Independent):
-        lp = _discrete_log_prob(fn.base_dist, value, masked)
+        lp = _discrete_log_prob(fn.base_dist, value, masked, certain)
         n = fn.reinterpreted_batch_ndims
         return jnp.sum(lp, axis=tuple(range(-n, 0))) if n else lp
     if isinstance(fn, MaskedDistribution):
-        lp = _discrete_log_prob(fn.base_dist, value, masked)
+        lp = _discrete_log_prob(fn.base_dist, value, masked, certain)
         return jnp.where(fn._mask, lp, 0.0) if masked else lp
     if isinstance(fn, ExpandedDistribution):
-        lp = _discrete_log_prob(fn.base_dist, value, masked)
+        lp = _discrete_log_prob(fn.base_dist, value, masked, certain)
         return jnp.broadcast_to(lp, jnp.broadcast_shapes(jnp.shape(lp), fn.batch_shape))
-    kind, a = _kind(fn), fn.logits
+    kind = _kind(fn)
+    a = _bernoulli_logits(fn, exact=certain) if kind == "bernoulli" else fn.logits
+    a = certain_logits(a, kind) if certain else a
     if kind == "bernoulli":
-        return value * a - jax.nn.softplus(a)
+        return _bernoulli_log_prob(a, jnp.asarray(value, dtype=jnp.result_type(a)))
     if kind == "onehot":
-        return jnp.sum(value * jax.nn.log_softmax(a, -1), -1)
+        return jnp.sum(value * masked_log_softmax(a, value), -1)
     logp = jax.nn.log_softmax(a, -1)
     shape = jnp.broadcast_shapes(logp.shape[:-1], jnp.shape(value))
     logp = jnp.broadcast_to(logp, shape + logp.shape[-1:])
@@ -85,10 +94,10 @@ def _discrete_log_prob(fn, value, masked=True):
     return jnp.take_along_axis(logp, v[..., None], -1)[..., 0]
 
 
-def _log_f(site):
+def _log_f(site, certain=False):
     """A site's (scaled, masked) term of the ELBO integrand, summed."""
     fn, value = site["fn"], site["value"]
-    lp = _discrete_log_prob(fn, value) if _kind(fn) else fn.log_prob(value)
+    lp = _discrete_log_prob(fn, value, certain=certain) if _kind(fn) else fn.log_prob(value)
     if site.get("scale") is not None:
         lp = lp * site["scale"]
     return jnp.sum(lp)
@@ -182,7 +191,16 @@ def exact_elbo(params, model, guide, *args, **kwargs):
         and guide.
     :raises ValueError: a continuous latent guide site, or more than
         :data:`MAX_CONFIGURATIONS` configurations.
+
+    It runs with NumPyro's validation off, as the estimators' evaluations
+    do, so masked classes at ``-inf`` are accepted (their configurations
+    count 0).
     """
+    with validation_enabled(False):
+        return _exact_elbo(params, model, guide, args, kwargs)
+
+
+def _exact_elbo(params, model, guide, args, kwargs):
     sites = _discrete_sites(params, model, guide, args, kwargs)
     _, mtr = _traces(params, model, guide, args, kwargs, {})
     names = {s[0] for s in sites}
@@ -199,12 +217,16 @@ def exact_elbo(params, model, guide, *args, **kwargs):
                 f = f + _log_f(site)
         for name, site in gtr.items():
             if site["type"] == "sample" and not site["is_observed"]:
-                f = f - _log_f(site)
-                log_q = log_q + jnp.sum(_discrete_log_prob(site["fn"], site["value"], False))
+                f = f - _log_f(site, certain=True)
+                log_q = log_q + jnp.sum(
+                    _discrete_log_prob(site["fn"], site["value"], False, certain=True))
         return log_q, f
 
     log_q, f = jax.vmap(one)(grid)
-    return jnp.sum(jnp.exp(log_q) * f)
+    q = jnp.exp(log_q)
+    # a configuration of probability 0 counts 0 (its f may be -inf: a masked
+    # class in the model's prior too)
+    return jnp.sum(q * jnp.where(q > 0, f, 0.0))
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpyro
 
 from .arguments import check_count
 from .relaxed import REBAR_ELBO, perturbed_logits
+from .structure import certain_outcomes
 
 __all__ = ["ControlVariateNet", "RELAX_ELBO"]
 
@@ -181,13 +182,20 @@ class RELAX_ELBO(REBAR_ELBO):
         finally:
             self._rho = None
 
+    @staticmethod
+    def _net_input(kind, alpha, u, b, conditional):
+        """The network's input: the perturbed logits, 0 at outcomes of
+        probability 0 (whose logits :func:`certain_logits` put at 1e9; a
+        constant there keeps the control variate a function of ``z``)."""
+        z = perturbed_logits(kind, alpha, u, b, conditional)
+        return jnp.where(certain_outcomes(alpha, kind), 0.0, z)
+
     def control_variate(self, info, u, alpha, b, a, c):
         event_shape = alpha.shape[alpha.ndim - info.alpha_event_dim:]
         apply_fn, init = self._net(info.name, event_shape, alpha.dtype)
         rho = self._rho.get(info.name)
         rho = init if rho is None else rho
-        z = perturbed_logits(info.kind, alpha[a], u[a], b, False)
-        zt = perturbed_logits(info.kind, alpha[c], u[c], b, True)
+        z, zt = (self._net_input(info.kind, alpha[e], u[e], b, e == c) for e in (a, c))
         batch = z.shape[: z.ndim - info.alpha_event_dim]
         shape = batch + (1,) * info.event_dim
         r_z = jnp.reshape(apply_fn(rho, z), shape)

@@ -21,7 +21,9 @@ from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistr
 from numpyro.distributions.util import clamp_probs
 from numpyro.util import not_jax_tracer
 
-from binary_grads_common.logits import CERTAIN_GAP, CERTAIN_LOGITS_DOC, bad_logits_message
+from binary_grads_common.logits import (
+    CERTAIN_FAR, CERTAIN_GAP, CERTAIN_LOGITS_DOC, bad_logits_message,
+)
 from .distributions import OneHotCategorical, masked_log_softmax
 
 __all__ = [
@@ -101,10 +103,19 @@ def site_logits(fn, kind, shape):
 def certain_logits(a, kind):
     # docstring below: binary_grads_common.logits, one text with Pyro's
     if kind == "bernoulli":
-        return jnp.clip(a, -CERTAIN_GAP, CERTAIN_GAP)
+        return jnp.where(certain_outcomes(a, kind), jnp.sign(a) * CERTAIN_FAR, a)
     m = stop_gradient(jnp.max(a, axis=-1, keepdims=True))
-    floor = m - (CERTAIN_GAP + jnp.abs(m))
-    return jnp.where(a < floor, floor, a)
+    return jnp.where(certain_outcomes(a, kind), m - (CERTAIN_FAR + jnp.abs(m)), a)
+
+
+def certain_outcomes(a, kind):
+    """Where the logits ``a`` give an outcome of probability 0 (a Bernoulli
+    logit beyond ``CERTAIN_GAP`` from 0, a categorical one that far below
+    its row's largest): those :func:`certain_logits` puts at ``CERTAIN_FAR``."""
+    if kind == "bernoulli":
+        return jnp.abs(a) > CERTAIN_GAP
+    m = stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    return a < m - (CERTAIN_GAP + jnp.abs(m))
 
 
 certain_logits.__doc__ = CERTAIN_LOGITS_DOC.format(

@@ -25,6 +25,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from binary_grads_common.report import Comparison, EstimatorReport, named_estimators
 
+from .structure import _exact_logits, certain_logits, discrete_log_prob, site_kind
+
 __all__ = ["compare_estimators", "exact_elbo"]
 
 #: the largest number of joint discrete configurations :func:`exact_elbo` enumerates
@@ -44,27 +46,30 @@ def _base(fn):
 
 def _log_q(fn, value):
     """The unscaled, unmasked guide log-prob of a discrete value, summed over
-    the event dims (masks remove terms from ``f``, they do not change ``q``)."""
+    the event dims (masks remove terms from ``f``, they do not change ``q``),
+    from the site's :func:`certain_logits` as the estimators draw it: a value
+    of probability 0 has a finite log-prob (about -1e9), weight exactly 0."""
     base = _base(fn)
+    a = certain_logits(_exact_logits(base), site_kind(base))
     if isinstance(base, Bernoulli):
-        lp = value * base.logits - torch.nn.functional.softplus(base.logits)
+        lp = value * a - torch.nn.functional.softplus(a)
     elif isinstance(base, OneHotCategorical):
-        lp = (value * torch.log_softmax(base.logits, -1)).sum(-1)
+        lp = (value * torch.log_softmax(a, -1)).sum(-1)
     else:
-        logp = torch.log_softmax(base.logits, -1)
+        logp = torch.log_softmax(a, -1)
         value, logp = torch.broadcast_tensors(value.long().unsqueeze(-1), logp)
         lp = logp.gather(-1, value[..., :1]).squeeze(-1)
     event = fn.event_dim - (1 if isinstance(base, OneHotCategorical) else 0)
     return lp.sum(tuple(range(-event, 0))) if event else lp
 
 
-def _log_f(site):
+def _log_f(site, certain=False):
     """A site's term of the ELBO integrand: scaled, masked log-prob (discrete
-    ones from the logits, as the estimators compute them)."""
+    ones from the logits, as the estimators compute them; a guide site's from
+    its :func:`certain_logits` with ``certain``)."""
     fn, value = site["fn"], site["value"]
     if isinstance(_base(fn), (Bernoulli, Categorical, OneHotCategorical)):
-        from .sites import discrete_log_prob
-        lp = discrete_log_prob(fn, value)
+        lp = discrete_log_prob(fn, value, certain)
     else:
         lp = fn.log_prob(value)
     if site["mask"] is not None:
@@ -179,9 +184,12 @@ def exact_elbo(model, guide, *args, **kwargs):
             f = f + per_config(_log_f(site))
     for name, site in gtr.nodes.items():
         if _is_sample(site) and not site["is_observed"]:
-            f = f - per_config(_log_f(site))
+            f = f - per_config(_log_f(site, certain=True))
             log_q = log_q + per_config(_log_q(site["fn"], site["value"]))
-    return (torch.exp(log_q) * f).sum()
+    q = torch.exp(log_q)
+    # a configuration of probability 0 counts 0 (its f may be -inf: a masked
+    # class in the model's prior too)
+    return (q * torch.where(q > 0, f, 0.0)).sum()
 
 
 # ---------------------------------------------------------------------------

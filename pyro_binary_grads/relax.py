@@ -17,6 +17,7 @@ import pyro
 from binary_grads_common.arguments import check_count
 
 from .relaxed import REBAR_ELBO, perturbed_logits
+from .structure import certain_outcomes
 
 __all__ = ["ControlVariateNet", "RELAX_ELBO"]
 
@@ -140,10 +141,17 @@ class RELAX_ELBO(REBAR_ELBO):
         params = [p for name in self._psi for p in self._nets[name].parameters()]
         return super().adapted_tensors() + params
 
+    @staticmethod
+    def _net_input(kind, alpha, u, b, conditional):
+        """The network's input: the perturbed logits, 0 at outcomes of
+        probability 0 (whose logits :func:`certain_logits` put at 1e9; a
+        constant there keeps the control variate a function of ``z``)."""
+        z = perturbed_logits(kind, alpha, u, b, conditional)
+        return torch.where(certain_outcomes(alpha, kind), 0.0, z)
+
     def control_variate(self, info, u, alpha, b, a, c):
         d = -(self._user_plate_nesting + 1) - info.alpha_event_dim
         net = self._nets[info.name]
-        z = perturbed_logits(info.kind, alpha.narrow(d, a, 1), u, b, False)
-        zt = perturbed_logits(info.kind, alpha.narrow(d, c, 1), u, b, True)
+        z, zt = (self._net_input(info.kind, alpha.narrow(d, e, 1), u, b, e == c) for e in (a, c))
         shape = z.shape[: z.dim() - info.alpha_event_dim] + (1,) * info.event_dim
         return net(z).reshape(shape), net(zt).reshape(shape)

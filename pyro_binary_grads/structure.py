@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
 import pyro.poutine as poutine
-from binary_grads_common.logits import CERTAIN_GAP, CERTAIN_LOGITS_DOC, MASKED_LOG_SOFTMAX_DOC
+from binary_grads_common.logits import (
+    CERTAIN_FAR, CERTAIN_GAP, CERTAIN_LOGITS_DOC, MASKED_LOG_SOFTMAX_DOC,
+)
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.subsample_messenger import _Subsample
@@ -108,10 +110,19 @@ def _exact_logits(base):
 def certain_logits(a, kind):
     # docstring below: binary_grads_common.logits, one text with NumPyro's
     if kind == "bernoulli":
-        return a.clamp(-CERTAIN_GAP, CERTAIN_GAP)
+        return torch.where(certain_outcomes(a, kind), a.sign() * CERTAIN_FAR, a)
     m = a.detach().amax(-1, keepdim=True)
-    floor = m - (CERTAIN_GAP + m.abs())
-    return torch.where(a < floor, floor, a)
+    return torch.where(certain_outcomes(a, kind), m - (CERTAIN_FAR + m.abs()), a)
+
+
+def certain_outcomes(a, kind):
+    """Where the logits ``a`` give an outcome of probability 0 (a Bernoulli
+    logit beyond ``CERTAIN_GAP`` from 0, a categorical one that far below
+    its row's largest): those :func:`certain_logits` puts at ``CERTAIN_FAR``."""
+    if kind == "bernoulli":
+        return a.abs() > CERTAIN_GAP
+    m = a.detach().amax(-1, keepdim=True)
+    return a < m - (CERTAIN_GAP + m.abs())
 
 
 certain_logits.__doc__ = CERTAIN_LOGITS_DOC.format(

@@ -137,14 +137,16 @@ BIASED = {
 }
 
 
-def _make(package, label, **kw):
+def _make(package, label, temperature=None, **kw):
     cls = getattr(package, label)
+    if temperature is not None:
+        kw["temperature"] = temperature
     if label == "VIMCO":
         return cls(num_samples=2, **kw)
     if label == "LocalDisARM_IWAE":
         return cls(num_pairs=2, **kw)  # the 2-sample bound, as VIMCO's
     if label == "REBAR_ELBO":
-        return cls(temperature=0.5, eta=1.0, adapt=False, **kw)
+        return cls(**{"temperature": 0.5, **kw}, eta=1.0, adapt=False)
     return cls(**kw)
 
 
@@ -178,13 +180,13 @@ def _labels(grads, names):
             for k in names for i in np.ndindex(np.shape(grads[k]))]
 
 
-def _numpyro_draws(labels, spec, names, particles, batches, seed=0):
+def _numpyro_draws(labels, spec, names, particles, batches, seed=0, temperature=None):
     """``[(batch means, losses finite)]`` per estimator, all in one jit."""
     from numpyro_oracle import init_params
     B = specs.numpyro_backend()
     model, guide, args = spec.bind(B)
     params = init_params(spec)
-    elbos = [_make(nbg, label) for label in labels]
+    elbos = [_make(nbg, label, temperature) for label in labels]
 
     def one(key):
         out, losses = [], []
@@ -268,12 +270,12 @@ def _pyro_exact(kind, label):
     return names, np.concatenate([g[k].flatten() for k in names]), _labels(g, names)
 
 
-def _pyro_draws(label, spec, names, particles, calls):
+def _pyro_draws(label, spec, names, particles, calls, temperature=None):
     from pyro_oracle import init_params
     from test_unbiased import flat_grads
     init_params(spec)
     model, guide, args = spec.bind(specs.pyro_backend())
-    elbo = _make(pbg, label, num_particles=particles, vectorize_particles=True)
+    elbo = _make(pbg, label, temperature, num_particles=particles, vectorize_particles=True)
     rows = []
     for _ in range(calls):
         loss = elbo.differentiable_loss(model, guide, *args)
@@ -331,6 +333,142 @@ def test_pyro_biased_as_on_the_reduced_program(kind, label):
     ours = _pyro_draws(label, make_spec(kind), names, PARTICLES[kind], 30)
     reduced = _pyro_draws(label, make_spec(kind, reduced=True), names, PARTICLES[kind], 30)
     _two_sample(f"pyro {kind} {label}", ours, reduced, coords)
+
+
+# ------------------------------------------------------------------------------------------
+# relaxations at high temperatures: a masked class gets exactly no relaxed mass
+# ------------------------------------------------------------------------------------------
+
+#: REBAR temperatures at which exp(-1000 / lambda) is not 0 in float64 (lambda >= 1.35):
+#: with the class masked in the model's prior too, a relaxed value with any mass
+#: there made the model's log-prob NaN (0 < mass times -inf)
+REBAR_HOT = [2.0, 20.0]
+
+
+@pytest.mark.parametrize("temperature", REBAR_HOT)
+def test_numpyro_rebar_at_high_temperature(temperature):
+    names, exact, coords = _numpyro_exact("onehot", "REBAR_ELBO")
+    (means, finite), = _numpyro_draws(["REBAR_ELBO"], make_spec("onehot"), names,
+                                      PARTICLES["onehot"], 30, temperature=temperature)
+    assert finite, "a non-finite loss"
+    result = stats.check_unbiased(means, exact, names=coords)
+    _assert_powerful(f"numpyro REBAR temperature {temperature}", result, coords)
+
+
+@pytest.mark.parametrize("temperature", REBAR_HOT)
+def test_pyro_rebar_at_high_temperature(temperature):
+    names, exact, coords = _pyro_exact("onehot", "REBAR_ELBO")
+    draws = _pyro_draws("REBAR_ELBO", make_spec("onehot"), names, PARTICLES["onehot"], 30,
+                        temperature=temperature)
+    result = stats.check_unbiased(draws, exact, names=coords)
+    _assert_powerful(f"pyro REBAR temperature {temperature}", result, coords)
+
+
+def test_pyro_relax_with_a_random_network():
+    """RELAX's network sees 0, not the certain logit, at a masked class: a
+    random network at a 1e9 input made the control variate ~1e8 (unbiased,
+    but no signal left in its variance)."""
+    from pyro_oracle import init_params
+    from test_relaxed import draws_of
+    names, exact, coords = _pyro_exact("onehot", "REBAR_ELBO")
+    spec = make_spec("onehot")
+    init_params(spec)
+    elbo = pbg.RELAX_ELBO(num_particles=PARTICLES["onehot"], vectorize_particles=True,
+                          temperature=2.0, adapt=False, hidden_size=16)
+    result = stats.check_unbiased(draws_of(elbo, spec, names, relax_std=0.1), exact,
+                                  names=coords)
+    _assert_powerful("pyro RELAX temperature 2.0", result, coords)
+
+
+def test_numpyro_relax_with_a_random_network():
+    """As the Pyro test: a fixed random network (the default architecture,
+    output layer ~ N(0, 0.1^2), as tests/numpyro/test_numpyro_relaxed.py)."""
+    from numpyro_oracle import init_params
+    names, exact, coords = _numpyro_exact("onehot", "REBAR_ELBO")
+    spec = make_spec("onehot")
+    from numpyro_binary_grads.relax import ControlVariateNet
+    net = ControlVariateNet(3, 16, 1)
+    w = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (16, 1))
+    rho = dict(net.init_params(), out={"w": w, "b": jnp.full((1,), 0.05)})
+    elbo = nbg.RELAX_ELBO(control_variate=(net, rho), temperature=2.0, adapt=False)
+    model, guide, args = spec.bind(specs.numpyro_backend())
+    guide = elbo.wrap_guide(guide)
+    params = dict(init_params(spec), _bg_c_control_variate=rho)
+
+    def one(key):
+        g = jax.grad(lambda p: elbo.loss(key, p, model, guide, *args))(params)
+        return jnp.concatenate([jnp.ravel(g[k]) for k in names])
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 30 * PARTICLES["onehot"])
+    means = jax.jit(jax.vmap(one))(keys).reshape(30, PARTICLES["onehot"], -1).mean(1)
+    result = stats.check_unbiased(np.asarray(means), exact, names=coords)
+    _assert_powerful("numpyro RELAX temperature 2.0", result, coords)
+
+
+#: straight-through estimators at temperatures where the masked class's soft
+#: weight exp(-1000 / tau) was not 0: its -log q term (about 1000) leaked into
+#: the free classes through the softmax Jacobian (ST_ELBO at tau = 1000: a q
+#: gradient of -0.021 against the program without the class's 0.002)
+ST_HOT = [("ST_ELBO", 1000.0), ("GumbelSoftmaxST_ELBO", 300.0), ("ReinMax_ELBO", 1000.0)]
+#: the largest standard error of the difference allowed on a guide coordinate:
+#: the leak measured above (0.023) is then more than 5 SE
+ST_HOT_SE = 0.0045
+
+
+def _two_sample_absolute(label, ours, reduced, names):
+    result = stats.check_unbiased(ours - reduced, np.zeros(ours.shape[1]), names=names)
+    guide = np.array([c.startswith("q_") for c in names])
+    print(f"{label}: max|z| = {result.max_abs_z:.2f}, guide se {result.se[guide].max():.2g}")
+    assert result.se[guide].max() <= ST_HOT_SE, f"{label}: too little power"
+
+
+@pytest.mark.parametrize("label,temperature", ST_HOT)
+def test_numpyro_straight_through_at_high_temperature(label, temperature):
+    names, _, coords = _numpyro_exact("onehot", "DisARM_ELBO")
+    n = PARTICLES["onehot"]
+    (a, finite), = _numpyro_draws([label], make_spec("onehot"), names, n, 30, seed=1,
+                                  temperature=temperature)
+    (b, _), = _numpyro_draws([label], make_spec("onehot", reduced=True), names, n, 30, seed=2,
+                             temperature=temperature)
+    assert finite, "a non-finite loss"
+    _two_sample_absolute(f"numpyro {label} temperature {temperature}", a, b, coords)
+
+
+@pytest.mark.parametrize("label,temperature", ST_HOT)
+def test_pyro_straight_through_at_high_temperature(label, temperature):
+    names, _, coords = _pyro_exact("onehot", "DisARM_ELBO")
+    n = PARTICLES["onehot"]
+    pyro.set_rng_seed(1)
+    a = _pyro_draws(label, make_spec("onehot"), names, n, 30, temperature=temperature)
+    b = _pyro_draws(label, make_spec("onehot", reduced=True), names, n, 30,
+                    temperature=temperature)
+    _two_sample_absolute(f"pyro {label} temperature {temperature}", a, b, coords)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relaxed_mass_of_a_masked_class_is_exactly_zero(dtype):
+    """At every temperature up to 1e5 and the most extreme Gumbel draw, in both
+    packages: the relaxations see the masked class's logit at ``CERTAIN_FAR``."""
+    from numpyro_binary_grads.structure import certain_logits as np_certain
+    from pyro_binary_grads.structure import certain_logits as pt_certain
+    a = np.array([[0.3, -INF, -0.2], [5.0, 2.0, -INF]], dtype=dtype)
+    g = -np.log(-np.log(_extreme_uniforms(dtype)))  # the smallest and largest Gumbel
+    for alpha in (np.asarray(np_certain(jnp.asarray(a), "onehot")),
+                  pt_certain(torch.tensor(a), "onehot").numpy()):
+        assert alpha.dtype == np.dtype(dtype) and np.all(np.isfinite(alpha))
+        for tau in (0.5, 20.0, 1000.0, 1e5):
+            z = (alpha + g[[1, 0, 1]]) / tau  # the masked class at its largest Gumbel
+            y = np.asarray(jax.nn.softmax(jnp.asarray(z), -1))
+            assert np.all(y[np.isinf(a)] == 0.0), (tau, y)
+    for alpha in (np.asarray(np_certain(jnp.asarray([-INF, INF], dtype=dtype), "bernoulli")),
+                  pt_certain(torch.tensor([-INF, INF], dtype=getattr(torch, dtype)),
+                             "bernoulli").numpy()):
+        logistic = np.log(_extreme_uniforms(dtype)) - np.log1p(-_extreme_uniforms(dtype))
+        for tau in (0.5, 20.0, 1000.0, 1e5):
+            with np.errstate(over="ignore"):  # exp(1e9 / tau): inf, the sigmoid 0
+                lo = 1 / (1 + np.exp(-(alpha[0] - logistic[0]) / tau))
+                hi = 1 / (1 + np.exp(-(alpha[1] - logistic[1]) / tau))
+            assert lo == 0.0 and hi == 1.0, (tau, lo, hi)
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,3 +590,41 @@ def test_numpyro_probs_of_zero_or_one_are_never_drawn(dtype):
     c = numpyro.distributions.Categorical(probs=jnp.array([0.0, 0.5, 0.5], dtype=dtype))
     alpha = site_logits(c, "categorical", ())
     assert int(_categorical_value(jnp.stack([hi, lo, lo]), alpha, False)) != 0
+
+
+# ------------------------------------------------------------------------------------------
+# the diagnostics' exact ELBO: configurations of probability 0 count 0, not NaN
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bernoulli", "categorical", "onehot"])
+def test_exact_elbo_equals_the_reduced_programs(kind):
+    """``exact_elbo`` of each program equals the reduced program's (value and
+    gradient, both packages), which has no outcomes of probability 0."""
+    from numpyro_oracle import init_params
+    from pyro_oracle import init_params as pyro_init
+    from numpyro_binary_grads.diagnostics import exact_elbo as numpyro_exact_elbo
+    from pyro_binary_grads.diagnostics import exact_elbo as pyro_exact_elbo
+    spec, reduced = make_spec(kind), make_spec(kind, reduced=True)
+    B = specs.numpyro_backend()
+    params = init_params(reduced)
+    got = [jax.value_and_grad(lambda p, s=s: numpyro_exact_elbo(p, *s.bind(B)[:2], *s.bind(B)[2]))(
+        params) for s in (spec, reduced)]
+    assert np.isfinite(float(got[0][0]))
+    np.testing.assert_allclose(float(got[0][0]), float(got[1][0]), rtol=1e-12)
+    for k in params:
+        np.testing.assert_allclose(got[0][1][k], got[1][1][k], rtol=1e-10, atol=1e-12)
+    torch_got = []
+    for s in (spec, reduced):
+        pyro.clear_param_store()
+        pyro_init(s)
+        model, guide, args = s.bind(specs.pyro_backend())
+        value = pyro_exact_elbo(model, guide, *args)
+        store = pyro.get_param_store()
+        grads = torch.autograd.grad(value, [store[k].unconstrained() for k in sorted(store)],
+                                    allow_unused=True)
+        torch_got.append((value.item(), grads))
+    assert np.isfinite(torch_got[0][0])
+    np.testing.assert_allclose(torch_got[0][0], torch_got[1][0], rtol=1e-12)
+    np.testing.assert_allclose(torch_got[0][0], float(got[1][0]), rtol=1e-10)
+    for a, b in zip(torch_got[0][1], torch_got[1][1]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
