@@ -95,8 +95,8 @@ def _compare_on_the_same_noise(scale):
             dist.constraints.greater_than(ref.TEMPERATURE_MIN)),
             "_bg_b1_eta": dist.biject_to(dist.constraints.interval(0.0, 2.0))}
         unconstrained = {**P, **{k: transforms[k].inv(constrained[k]) for k in transforms}}
-        loss, grads = jax.value_and_grad(
-            lambda p: elbo.loss(keys[7], transform_fn(transforms, p), model, wrapped, x))(
+        loss, grads = jax.jit(jax.value_and_grad(
+            lambda p: elbo.loss(keys[7], transform_fn(transforms, p), model, wrapped, x)))(
             unconstrained)
         np.testing.assert_allclose(float(loss) / N, float(loss_ref), rtol=1e-5)
         _assert_finite(grads, g_ref, dpsi_ref)
