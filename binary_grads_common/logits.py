@@ -19,7 +19,9 @@ CERTAIN_GAP = 1000.0
 #: to temperatures of 1e6, so a masked class gets no relaxed mass and a
 #: forced unit keeps its value (a masked class in the model's prior too
 #: would otherwise give ``0 < mass`` times ``-inf``: NaN), and small enough
-#: that products of a few such logits stay finite in float32.
+#: that products of a few such logits stay finite in float32. (float16,
+#: whose largest value is 65504: its largest value / 16, i.e. 4094, exact
+#: up to temperatures of about 200.)
 CERTAIN_FAR = 1e9
 
 CERTAIN_LOGITS_DOC = r"""
@@ -32,7 +34,8 @@ CERTAIN_LOGITS_DOC = r"""
       largest logit of its row (not differentiated), is put at
       :math:`m - (F + |m|)`,
 
-    :math:`G` = ``CERTAIN_GAP`` (1000), :math:`F` = ``CERTAIN_FAR`` (1e9).
+    :math:`G` = ``CERTAIN_GAP`` (1000), :math:`F` = ``CERTAIN_FAR`` (1e9;
+    float16: 4094).
     The draws and probabilities are the same (``exp(-G)`` is 0 in float32
     and float64), and so is the gradient (0 at such logits). Every
     relaxation of such an outcome (REBAR's, RELAX's, the straight-through

@@ -109,10 +109,11 @@ def _exact_logits(base):
 
 def certain_logits(a, kind):
     # docstring below: binary_grads_common.logits, one text with NumPyro's
+    far = min(CERTAIN_FAR, torch.finfo(a.dtype).max / 16)  # (float16: 4094)
     if kind == "bernoulli":
-        return torch.where(certain_outcomes(a, kind), a.sign() * CERTAIN_FAR, a)
+        return torch.where(certain_outcomes(a, kind), a.sign() * far, a)
     m = a.detach().amax(-1, keepdim=True)
-    return torch.where(certain_outcomes(a, kind), m - (CERTAIN_FAR + m.abs()), a)
+    return torch.where(a < m - (CERTAIN_GAP + m.abs()), m - (far + m.abs()), a)
 
 
 def certain_outcomes(a, kind):

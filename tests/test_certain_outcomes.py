@@ -631,3 +631,29 @@ def test_exact_elbo_equals_the_reduced_programs(kind):
     np.testing.assert_allclose(torch_got[0][0], float(got[1][0]), rtol=1e-10)
     for a, b in zip(torch_got[0][1], torch_got[1][1]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_float16_logits_stay_finite():
+    """float16 (largest value 65504) puts certain logits at 4094, not 1e9
+    (which overflowed to -inf and then raised, or gave NaN under jit)."""
+    from numpyro_binary_grads.structure import certain_logits as np_certain
+    from pyro_binary_grads.structure import certain_logits as pt_certain
+    a = np.array([[0.5, 0.0, -INF]], dtype=np.float16)
+    for kind in ("onehot", "bernoulli"):
+        for alpha in (np.asarray(np_certain(jnp.asarray(a), kind)),
+                      pt_certain(torch.tensor(a), kind).numpy()):
+            assert alpha.dtype == np.float16 and np.all(np.isfinite(alpha)), alpha
+
+    def guide():
+        q = pyro.param("q", torch.zeros(3, dtype=torch.float16))
+        pyro.sample("c", pbg.OneHotCategorical(logits=q + torch.tensor(a[0])))
+
+    def model():
+        c = pyro.sample("c", pbg.OneHotCategorical(logits=torch.zeros(3, dtype=torch.float16)))
+        pyro.sample("y", pyro.distributions.Normal((c * torch.arange(3.0).half()).sum(),
+                                                   torch.tensor(1.0).half()),
+                    obs=torch.tensor(0.5).half())
+
+    for cls in (pbg.DisARM_ELBO, pbg.RLOO_ELBO, pbg.ST_ELBO):
+        pyro.clear_param_store()
+        assert torch.isfinite(cls().differentiable_loss(model, guide)), cls.__name__
