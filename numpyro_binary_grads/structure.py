@@ -102,7 +102,7 @@ def site_logits(fn, kind, shape):
 
 def certain_logits(a, kind):
     # docstring below: binary_grads_common.logits, one text with Pyro's
-    far = min(CERTAIN_FAR, float(jnp.finfo(a.dtype).max) / 16)  # (float16: 4094)
+    far = min(CERTAIN_FAR, float(jnp.finfo(jnp.result_type(a)).max) / 16)  # (float16: 4094)
     if kind == "bernoulli":
         return jnp.where(certain_outcomes(a, kind), jnp.sign(a) * far, a)
     m = stop_gradient(jnp.max(a, axis=-1, keepdims=True))
